@@ -1,0 +1,324 @@
+"""Supervised baseline: the labeled images alone, with everything else as in the semi-supervised scripts.
+
+Every semi-supervised number is read against this one: what do the unlabeled images add over training on
+the labeled images alone? The labeled split is the same function of (labels, n_labeled, seed) as in the
+other scripts, so the same seed trains on the same images, with the same network, optimiser, schedule,
+EMA and evaluation. `--n-labeled 50000` is the fully supervised upper bound.
+
+    L = 1/B sum_b H(y_b, p(y | weak(x_b)))
+
+Defaults are the shared recipe of fixmatch.py (FixMatch paper, arXiv 2001.07685, Section 4): B = 64, weak
+augmentation (flip + 4 px shift), SGD with Nesterov momentum 0.9, lr 0.03 with cosine decay
+lr * cos(7 pi k / (16 K)), weight decay 5e-4, K = 2^20 steps, WRN-28-2, evaluation with an EMA (0.999).
+
+    python supervised.py --n-labeled 4000
+    python supervised.py --n-labeled 250 --device cpu --depth 10 --widen-factor 1 --epochs 2 --steps-per-epoch 20
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import NUM_CLASSES, DataError, RandomBatches, WideResNet, labeled_split, load_cifar10, normalize, weak_augment
+
+ALGORITHM = "supervised"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-labeled", type=int, default=4000, help="number of labeled training images (balanced over classes; 40/250/4000 in the paper)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate (SGD, Nesterov momentum 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on BatchNorm parameters and biases)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024, help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and checkpoint every this many steps")
+    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation and the batches")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/supervised_n<n-labeled>_seed<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings with one line (DataError -> exit status 2)."""
+    checks = [
+        (10 <= args.n_labeled <= 50000, f"--n-labeled must be between 10 and 50000, got {args.n_labeled}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
+        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
+         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0, f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation: the shared recipe (SGD + Nesterov, cosine decay, weight decay off BN/biases, weight EMA)
+# ----------------------------------------------------------------------------------------------------
+def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
+    """lr * cos(7 pi k / (16 K)): decays to about 0.2 lr at the end rather than to 0 (FixMatch, Sec. 4)."""
+    return base_lr * math.cos(7 * math.pi * step / (16 * total_steps))
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]      # conv and linear weights
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm scales/shifts and biases
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step
+# ----------------------------------------------------------------------------------------------------
+STATS = ["loss"]  # per-step statistics, summed on the device between log points
+
+
+def summarize(stats: torch.Tensor, steps: int) -> dict:
+    """Mean statistics since the last log point, read from the device (a host sync: log points only)."""
+    return dict(zip(STATS, (stats / steps).tolist()))
+
+
+def train_step(model, optimizer, x_l, y_l, args, amp: bool) -> torch.Tensor:
+    """One supervised step. Returns the step's statistics as a tensor on the device (no host sync)."""
+    x = normalize(x_l).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y_l)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().view(1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch_size: int = 1000) -> dict:
+    """Top-1, top-5, mean cross-entropy and per-class top-1 of `model` on (x, y), in eval mode."""
+    model.eval()
+    loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(xb).float()
+        yb = y[i:i + batch_size]
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        top = logits.topk(5, dim=1).indices
+        top1[i:i + batch_size] = top[:, 0] == yb
+        top5[i:i + batch_size] = (top == yb[:, None]).any(1)
+    model.train()
+    per_class = [top1[y == c].float().mean().item() for c in range(NUM_CLASSES)]
+    return {"top1": top1.float().mean().item(), "top5": top5.float().mean().item(), "loss": loss / len(x),
+            "per_class_top1": per_class}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folder, checkpoint and resume
+# ----------------------------------------------------------------------------------------------------
+# Flags that do not change what is computed: a rerun may change them and still resume.
+NOT_COMPARED = {"out", "overwrite", "log_every", "compile"}
+
+
+def prepare_run_dir(args: argparse.Namespace) -> None:
+    """Create --out, or check that the run in it was started with the same arguments."""
+    path = os.path.join(args.out, "args.json")
+    if os.path.exists(path) and not args.overwrite:
+        with open(path) as f:
+            old = json.load(f)
+        new = vars(args)
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+                if k not in NOT_COMPARED and old.get(k) != new.get(k)]
+        if diff:
+            raise DataError(f"{args.out} holds a run with other arguments ({'; '.join(diff)}); "
+                            "pass another --out, or --overwrite to start that run over")
+    if args.overwrite:
+        for name in ("checkpoint.pt", "metrics.jsonl", "results.json"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(path: str, up_to_step: int) -> list[dict]:
+    """metrics.jsonl lines up to the checkpoint's step (later ones were written after the last checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def format_time(seconds: float) -> str:
+    h, m = divmod(int(seconds) // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{int(seconds) % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        prepare_run_dir(args)
+        results_path = os.path.join(args.out, "results.json")
+        if os.path.exists(results_path):
+            print(f"{args.out} already holds a finished run (results.json); nothing to do")
+            return 0
+        data = load_cifar10(args.data_dir)
+        labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "labeled_indices.json"), "w") as f:
+        json.dump(labeled.tolist(), f)
+
+    device = torch.device(args.device)
+    amp = args.amp and device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(depth=args.depth, widen_factor=args.widen_factor).to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model)
+    optimizer = make_optimizer(model, args, device)
+    forward = torch.compile(model) if args.compile else model
+    # An index stream over the labeled subset; augmentation parameters come from their own CPU generator.
+    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
+    aug_generator = torch.Generator().manual_seed(args.seed + 2)
+
+    total_steps = args.epochs * args.steps_per_epoch
+    step, elapsed, metrics = 0, 0.0, []
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        labeled_batches.load_state_dict(ckpt["labeled_batches"])
+        aug_generator.set_state(ckpt["aug_generator"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        metrics = read_metrics(metrics_path, step)
+        with open(metrics_path, "w") as f:  # drop lines written after the checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        print(f"resuming {args.out} from step {step}")
+
+    images_per_step = args.batch_size  # images through the network per step
+    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
+          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
+    # Statistics are summed on the device over the steps since the last progress line and since the last
+    # evaluation; metrics.jsonl gets the latter (per-epoch means with the default flags).
+    log_stats, eval_stats = torch.zeros(len(STATS), device=device), torch.zeros(len(STATS), device=device)
+    log_steps = eval_steps = 0
+    t_start, step_start = time.perf_counter(), step
+    t_log = t_eval = t_start
+    result = None
+    try:
+        while step < total_steps:
+            lr = cosine_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx_l = labeled_batches()
+            x_l = weak_augment(train_x[idx_l], aug_generator)
+            step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], args, amp)
+            ema_update(ema_model, model, args.ema_decay)
+            log_stats += step_stats
+            eval_stats += step_stats
+            step, log_steps, eval_steps = step + 1, log_steps + 1, eval_steps + 1
+
+            if step % args.log_every == 0 or step % args.eval_every == 0 or step == total_steps:
+                mean = summarize(log_stats, log_steps)  # the only host sync between evaluations
+                now = time.perf_counter()
+                eta = (now - t_start) / (step - step_start) * (total_steps - step)
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} | lr {lr:.4f} "
+                      f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
+                log_stats.zero_()
+                log_steps, t_log = 0, now
+
+            if step % args.eval_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr, **summarize(eval_stats, eval_steps),
+                       "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
+                result = evaluate(ema_model, test_x, test_y, amp)
+                elapsed += time.perf_counter() - t_start
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
+                metrics.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                      f"loss {result['loss']:.3f}", flush=True)
+                save_checkpoint(ckpt_path, {
+                    "step": step, "elapsed": elapsed, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "labeled_batches": labeled_batches.state_dict(),
+                    "aug_generator": aug_generator.get_state()})
+                eval_stats.zero_()
+                eval_steps, step_start = 0, step
+                t_start = t_log = t_eval = time.perf_counter()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+    if result is None:  # resumed from the final checkpoint: results.json was not written yet
+        result = evaluate(ema_model, test_x, test_y, amp)
+    top1 = [m["test_top1"] for m in metrics]
+    results = {
+        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
+        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
+        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
+        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "wall_time_s": elapsed, "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "args": vars(args),
+    }
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
+          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

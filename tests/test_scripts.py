@@ -1,0 +1,156 @@
+"""End-to-end checks every training script must pass, run on the tiny synthetic CIFAR-10 of conftest.py:
+a full run writes the run folder, an interrupted run resumes to exactly the same metrics, a finished run
+is not redone, and bad input exits with status 2 and one line."""
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Small network, few steps. Each script adds its own flags to make its algorithm do something in a few steps.
+TINY = ["--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size", "8", "--n-labeled", "20",
+        "--epochs", "3", "--steps-per-epoch", "4", "--eval-every", "4", "--log-every", "2"]
+SCRIPTS = {
+    "supervised": [],
+    "fixmatch": ["--mu", "2", "--threshold", "0.5"],
+}
+TIMING = {"img_per_s", "elapsed_s"}  # the only metrics allowed to differ between identical runs
+
+
+def run_main(name: str, argv: list[str]) -> int:
+    return importlib.import_module(name).main(argv)
+
+
+def metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
+@pytest.fixture(scope="module", params=list(SCRIPTS))
+def finished_run(request, cifar_dir, tmp_path_factory):
+    """One uninterrupted tiny run per script: (script name, argv without --out, run folder)."""
+    name = request.param
+    argv = TINY + SCRIPTS[name] + ["--data-dir", cifar_dir]
+    out = str(tmp_path_factory.mktemp(name) / "run")
+    assert run_main(name, argv + ["--out", out]) == 0
+    return name, argv, out
+
+
+def test_run_folder(finished_run):
+    name, _, out = finished_run
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "results.json"]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    for r in rows:
+        assert 0 <= r["test_top1"] <= r["test_top5"] <= 1 and r["test_loss"] > 0 and r["loss"] > 0
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    assert res["algorithm"] == name and res["evaluations"] == 3 and res["final_top1"] == rows[-1]["test_top1"]
+    assert res["best_top1"] == max(r["test_top1"] for r in rows)
+    assert len(res["per_class_top1"]) == 10 and res["command"].startswith(f"python {name}.py")
+    with open(os.path.join(out, "labeled_indices.json")) as f:
+        assert len(json.load(f)) == 20
+
+
+def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
+    """Ctrl-C right after the first checkpoint, then the same command again: identical metrics.jsonl."""
+    name, argv, out = finished_run
+    module = importlib.import_module(name)
+    save = module.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+    resumed = str(tmp_path / "run")
+    assert module.main(argv + ["--out", resumed]) == 130
+    assert [r["step"] for r in metrics(resumed)] == [4]
+    monkeypatch.setattr(module, "save_checkpoint", save)
+    assert module.main(argv + ["--out", resumed]) == 0
+    assert metrics(resumed) == metrics(out)
+
+
+def test_finished_run_is_not_redone(finished_run, capsys):
+    name, argv, out = finished_run
+    before = os.path.getmtime(os.path.join(out, "results.json"))
+    assert run_main(name, argv + ["--out", out]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "results.json")) == before
+
+
+def test_other_arguments_in_same_out_are_refused(finished_run, capsys):
+    name, argv, out = finished_run
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        before = f.read()
+    assert run_main(name, argv + ["--out", out, "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.03 -> 0.1" in err and "--overwrite" in err
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert f.read() == before  # nothing on disk was lost
+
+
+BAD_INPUT = [
+    (["--n-labeled", "5"], "--n-labeled must be between 10 and 50000"),
+    (["--n-labeled", "60000"], "--n-labeled must be between 10 and 50000"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--depth", "12"], "--depth must be 6n+4"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+]
+SCRIPT_BAD_INPUT = {
+    "fixmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
+                 (["--threshold", "0"], "--threshold must be in (0, 1]")],
+}
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_bad_input_exits_2_with_one_line(name, cifar_dir, tmp_path, capsys):
+    for extra, message in BAD_INPUT + SCRIPT_BAD_INPUT.get(name, []):
+        out = tmp_path / "run"
+        assert run_main(name, TINY + SCRIPTS[name] + ["--data-dir", cifar_dir, "--out", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, (extra, err)
+        assert not out.exists()  # rejected before anything was written
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_command_line_bad_input(name, cifar_dir, tmp_path):
+    """The same through the real command line: exit status 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{name}.py"), *TINY, *SCRIPTS[name], "--data-dir",
+                           cifar_dir, "--batch-size", "0"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == "error: --batch-size must be >= 1, got 0\n"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_broken_data_exits_2_naming_the_file(name, cifar_dir, tmp_path, capsys):
+    broken = tmp_path / "data" / "cifar-10-batches-py"
+    broken.mkdir(parents=True)
+    for f in os.listdir(os.path.join(cifar_dir, "cifar-10-batches-py")):
+        (broken / f).write_bytes(open(os.path.join(cifar_dir, "cifar-10-batches-py", f), "rb").read())
+    (broken / "data_batch_3").write_bytes(b"\x80\x02}q\x00garbage")
+    argv = TINY + SCRIPTS[name] + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    assert run_main(name, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_batch_3" in err
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypatch, capsys):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)  # never download in a test
+    argv = TINY + SCRIPTS[name] + ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]
+    assert run_main(name, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in err and "--data-dir" in err
