@@ -1,0 +1,369 @@
+"""Run and report a comparison grid: algorithms x number of labels x seeds x any swept flag.
+
+    python compare.py --algorithms fixmatch flexmatch mixmatch remixmatch supervised \\
+        --n-labeled 40 250 4000 --seeds 0 1 2 [--sweep batch-size=32,64,128] [-- any other script flags]
+
+Every run is a subprocess of the real script with its own folder under --out, named after its grid point
+(e.g. runs/fixmatch_n250_seed1_batch-size32), so rerunning the same command skips finished runs and resumes
+interrupted ones (the scripts resume from their checkpoint). One run per GPU at a time (--gpus 0,1,...;
+CPU when no GPU is visible). A failing run is reported with its log and does not stop the others.
+Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch and flexmatch only).
+
+    --dry-run   print the commands and stop
+    --slurm     write <out>/grid.sbatch, a SLURM array job with one task per run (same commands, resumable)
+    --report    only aggregate: every results.json under --out -> <out>/results.md, accuracy_vs_labels.png,
+                curves.png (also done at the end of a grid)
+
+In the report, top-1 is the EMA model's test accuracy: the median of the last 20 evaluations (the papers'
+convention) and the best evaluation, as mean +- std over seeds (sample std, n = number of seeds).
+Runs whose arguments differ in anything but the seed are never averaged together: they get their own row,
+labelled with the arguments that differ.
+"""
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+
+ALGORITHMS = ["supervised", "mixmatch", "remixmatch", "fixmatch", "flexmatch"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# Arguments that do not change a run's result, or that define the grid's axes (not its rows).
+NOT_A_SETTING = {"out", "overwrite", "log_every", "compile", "data_dir", "device", "seed", "n_labeled"}
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# The grid
+# ----------------------------------------------------------------------------------------------------
+def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
+    """['batch-size=32,64', 'lr=0.03,0.1'] -> {'batch-size': ['32', '64'], 'lr': ['0.03', '0.1']}."""
+    sweep = {}
+    for spec in specs:
+        m = re.fullmatch(r"([a-z][a-z0-9-]*)=([^,=\s]+(?:,[^,=\s]+)*)", spec)
+        if not m:
+            raise UsageError(f"--sweep takes FLAG=V1,V2,... (e.g. batch-size=32,64), got {spec!r}")
+        if m[1] in ("n-labeled", "seed", "out"):
+            raise UsageError(f"--sweep {m[1]}: use --n-labeled / --seeds for the grid's own axes")
+        sweep[m[1]] = m[2].split(",")
+    return sweep
+
+
+def run_name(algorithm: str, n_labeled: int, seed: int, swept: dict[str, str]) -> str:
+    return "_".join([f"{algorithm}_n{n_labeled}_seed{seed}"] + [f"{k}{v}" for k, v in swept.items()])
+
+
+def expand_grid(algorithms: list[str], n_labeled: list[int], seeds: list[int], sweep: dict[str, list[str]],
+                extra: dict[str, list[str]], out: str) -> list[dict]:
+    """One dict per run: name, folder and the command that runs (or resumes) it."""
+    runs = []
+    for algorithm, n, seed, values in itertools.product(algorithms, n_labeled, seeds, itertools.product(*sweep.values())):
+        swept = dict(zip(sweep, values))
+        name = run_name(algorithm, n, seed, swept)
+        folder = os.path.join(out, name)
+        cmd = [sys.executable, os.path.relpath(os.path.join(ROOT, f"{algorithm}.py")), "--n-labeled", str(n), "--seed", str(seed),
+               "--out", folder, *[a for k, v in swept.items() for a in (f"--{k}", v)], *extra[algorithm]]
+        runs.append({"name": name, "algorithm": algorithm, "folder": folder, "cmd": cmd})
+    return runs
+
+
+def script_flags(algorithm: str) -> set[str]:
+    """The long flags a script accepts, read from its add_argument calls (no import: torch loads slowly)."""
+    with open(os.path.join(ROOT, f"{algorithm}.py")) as f:
+        calls = re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)"(.*)', f.read())
+    return {flag for flag, rest in calls} | {"--no-" + flag[2:] for flag, rest in calls if "BooleanOptionalAction" in rest}
+
+
+def route_extra(algorithms: list[str], extra: list[str], sweep: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Split the flags after `--` into FLAG [VALUE] groups and give each script the ones it accepts."""
+    groups = []
+    for token in extra:
+        if token.startswith("--"):
+            groups.append([token])
+        elif groups:
+            groups[-1].append(token)
+        else:
+            raise UsageError(f"unexpected {token!r} after --: script flags start with --")
+    accepted = {a: script_flags(a) for a in algorithms}
+    for flag in [g[0].split("=")[0] for g in groups] + [f"--{k}" for k in sweep]:
+        if flag in ("--n-labeled", "--seed", "--out"):
+            raise UsageError(f"{flag} is set by compare.py itself (use --n-labeled / --seeds / --out)")
+        if not any(flag in accepted[a] for a in algorithms):
+            raise UsageError(f"no selected script accepts {flag}")
+    for k in sweep:
+        missing = [a for a in algorithms if f"--{k}" not in accepted[a]]
+        if missing:
+            raise UsageError(f"--sweep {k}: {', '.join(missing)} has no --{k}")
+    return {a: [t for g in groups if g[0].split("=")[0] in accepted[a] for t in g] for a in algorithms}
+
+
+def is_finished(run: dict) -> bool:
+    return os.path.exists(os.path.join(run["folder"], "results.json"))
+
+
+def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
+    """Run every unfinished run, one at a time per GPU (or on the CPU); return the failed ones."""
+    pending = [r for r in runs if not is_finished(r)]
+    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run on "
+          f"{'GPU ' + ','.join(gpus) if gpus else 'the CPU'}", flush=True)
+    failed, lock = [], threading.Lock()
+
+    def worker(gpu: str | None) -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                run = pending.pop(0)
+            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+            log = run["folder"] + ".log"
+            os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
+            print(f"start {run['name']}{' on GPU ' + gpu if gpu is not None else ''} (log {log})", flush=True)
+            with open(log, "a") as f:
+                rc = subprocess.run(run["cmd"], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+            with lock:
+                if rc != 0:
+                    failed.append(run)
+                print(f"{'done' if rc == 0 else f'FAILED (exit {rc})'} {run['name']}"
+                      f"{'' if rc == 0 else f'; see {log}'}", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus or [None])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return failed
+
+
+def slurm_script(runs: list[dict], out: str) -> str:
+    """A SLURM array job with one task per run; each task's command resumes its run if it was cut off."""
+    lines = ["#!/bin/bash", "#SBATCH --job-name=ssl-grid", f"#SBATCH --array=0-{len(runs) - 1}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", f"#SBATCH --output={os.path.join(out, 'slurm-%A_%a.log')}",
+             "# One task per run. A task that is cut off (time limit, preemption) resumes from its checkpoint",
+             "# when resubmitted; finished runs exit at once.", f"cd {shlex.quote(os.getcwd())}", "RUNS=("]
+    lines += [f"  {shlex.quote(shlex.join(['python', *r['cmd'][1:]]))}" for r in runs]
+    lines += [")", 'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------
+def load_runs(out: str) -> tuple[list[dict], list[dict]]:
+    """(finished runs, unfinished runs) under `out`: every folder with an args.json."""
+    finished, unfinished = [], []
+    for dirpath, _, files in sorted(os.walk(out)):
+        if "args.json" not in files:
+            continue
+        with open(os.path.join(dirpath, "args.json")) as f:
+            args = json.load(f)
+        metrics_path = os.path.join(dirpath, "metrics.jsonl")
+        metrics = []
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = [json.loads(line) for line in f if line.strip()]
+        run = {"folder": dirpath, "args": args, "metrics": metrics}
+        if "results.json" in files:
+            with open(os.path.join(dirpath, "results.json")) as f:
+                run["results"] = json.load(f)
+            run["algorithm"] = run["results"]["algorithm"]
+            finished.append(run)
+        else:
+            run["algorithm"] = os.path.basename(dirpath).split("_")[0]
+            unfinished.append(run)
+    return finished, unfinished
+
+
+def mean_std(values: list[float]) -> str:
+    """'85.31 +- 0.42 (3)' in percent; the std is the sample std over seeds, absent for one seed."""
+    m = 100 * statistics.mean(values)
+    if len(values) == 1:
+        return f"{m:.2f} (1)"
+    return f"{m:.2f} ± {100 * statistics.stdev(values):.2f} ({len(values)})"
+
+
+def group_runs(runs: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """Rows: the algorithm, plus the arguments that differ among that algorithm's runs (never averaged
+    together); columns: n_labeled; cells: the runs (one per seed)."""
+    rows = {}
+    by_algorithm = {}
+    for r in runs:
+        by_algorithm.setdefault(r["algorithm"], []).append(r)
+    for algorithm in sorted(by_algorithm, key=lambda a: (ALGORITHMS.index(a) if a in ALGORITHMS else 99, a)):
+        group = by_algorithm[algorithm]
+        keys = sorted({k for r in group for k in r["args"]} - NOT_A_SETTING)
+        varying = [k for k in keys if len({json.dumps(r["args"].get(k)) for r in group}) > 1]
+        for r in group:
+            label = algorithm + "".join(f" {k.replace('_', '-')}={r['args'].get(k)}" for k in varying)
+            rows.setdefault(label, {}).setdefault(r["args"]["n_labeled"], []).append(r)
+    return rows
+
+
+def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> str:
+    rows = group_runs(finished)
+    columns = sorted({n for cells in rows.values() for n in cells})
+    lines = [f"# Results under `{out}`", ""]
+    for title, key in [] if not rows else (("Top-1 accuracy (%), median of the last 20 evaluations", "median_last20_top1"),
+                       ("Top-1 accuracy (%), best evaluation", "best_top1"),
+                       ("Top-5 accuracy (%), final evaluation", "final_top5")):
+        lines += [f"## {title}", "", "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for label, cells in rows.items():
+            lines.append(f"| {label} | " + " | ".join(
+                mean_std([r["results"][key] for r in cells[n]]) if n in cells else "" for n in columns) + " |")
+        lines.append("")
+    if rows:
+        lines += ["Cells: mean ± sample std over seeds (number of seeds). EMA model, full test set.", ""]
+    settings = {}
+    for label, cells in rows.items():
+        args = next(iter(cells.values()))[0]["args"]
+        settings[label] = ", ".join(f"{k}={v}" for k, v in sorted(args.items()) if k not in NOT_A_SETTING)
+    if settings:
+        lines += ["## Settings of each row", ""] + [f"- **{label}**: {s}" for label, s in settings.items()] + [""]
+    if any(" " in label for label in rows):
+        lines += ["Rows with `flag=value` in their name are runs of one algorithm whose arguments differ;"
+                  " they are reported apart, never averaged together.", ""]
+    if unfinished:
+        lines += ["## Unfinished runs", ""]
+        for r in unfinished:
+            a = r["args"]
+            total = a.get("epochs", 0) * a.get("steps_per_epoch", 0)
+            done = r["metrics"][-1]["step"] if r["metrics"] else 0
+            last = f", last EMA top-1 {100 * r['metrics'][-1]['test_top1']:.2f}%" if r["metrics"] else ""
+            lines.append(f"- `{r['folder']}`: step {done}/{total}{last}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_labels(finished: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, cells in group_runs(finished).items():
+        ns = sorted(cells)
+        accs = [[100 * r["results"]["median_last20_top1"] for r in cells[n]] for n in ns]
+        ax.errorbar(ns, [statistics.mean(a) for a in accs], yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+                    marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of labeled images")
+    ax.set_ylabel("test top-1 (%), median of last 20 evals")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(finished: list[dict], path: str) -> None:
+    """Per run against step: EMA test top-1; mask rate and pseudo-label accuracy where the script logs them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("test_top1", "EMA test top-1"), ("mask_rate", "mask rate (confident fraction)"),
+              ("pseudo_acc", "pseudo-label accuracy (all unlabeled)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in finished:
+        label = os.path.basename(r["folder"])
+        for ax, (key, _) in zip(axes, panels):
+            points = [(m["step"], m[key]) for m in r["metrics"] if m.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=label)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(out: str) -> str | None:
+    finished, unfinished = load_runs(out)
+    if not finished and not unfinished:
+        print(f"no runs under {out}")
+        return None
+    text = markdown_report(finished, unfinished, out)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(text)
+    if finished:
+        plot_accuracy_vs_labels(finished, os.path.join(out, "accuracy_vs_labels.png"))
+        plot_curves(finished, os.path.join(out, "curves.png"))
+    print(text)
+    print(f"wrote {os.path.join(out, 'results.md')}" + (" and the plots" if finished else ""))
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Flags after -- are passed to every script that accepts them.")
+    p.add_argument("--algorithms", nargs="+", default=["fixmatch"], metavar="NAME", help=f"any of {', '.join(ALGORITHMS)}")
+    p.add_argument("--n-labeled", nargs="+", type=int, default=[250], metavar="N", help="numbers of labeled images")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="seeds (labeled split, init, batches)")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="FLAG=V1,V2", help="sweep any script flag, e.g. batch-size=32,64")
+    p.add_argument("--out", default="runs", help="folder holding one folder per run, and the report")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one run per GPU at a time (default: all visible; CPU if none)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    p.add_argument("--slurm", action="store_true", help="write <out>/grid.sbatch (a SLURM array job) and stop")
+    p.add_argument("--report", action="store_true", help="only aggregate the runs under --out")
+    return p.parse_args(argv), extra
+
+
+def visible_gpus() -> list[str]:
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    if args.report:
+        report(args.out)
+        return 0
+    try:
+        unknown = [a for a in args.algorithms if a not in ALGORITHMS]
+        if unknown:
+            raise UsageError(f"unknown algorithm {unknown[0]!r}; choose from {', '.join(ALGORITHMS)}")
+        bad = [n for n in args.n_labeled if not 10 <= n <= 50000]
+        if bad:
+            raise UsageError(f"--n-labeled must be between 10 and 50000, got {bad[0]}")
+        sweep = parse_sweep(args.sweep)
+        runs = expand_grid(args.algorithms, args.n_labeled, args.seeds, sweep,
+                           route_extra(args.algorithms, extra, sweep), args.out)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for r in runs:
+            print(("# finished: " if is_finished(r) else "") + shlex.join(["python", *r["cmd"][1:]]))
+        return 0
+    if args.slurm:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "grid.sbatch")
+        with open(path, "w") as f:
+            f.write(slurm_script(runs, args.out))
+        print(f"wrote {path}: submit with `sbatch {path}`")
+        return 0
+    gpus = args.gpus.split(",") if args.gpus else visible_gpus()
+    failed = run_grid(runs, gpus)
+    report(args.out)
+    for r in failed:
+        print(f"failed: {r['name']}, log {r['folder']}.log", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""compare.py: grid expansion, flag routing, skip/resume, failures, aggregation, dry run, SLURM script,
+and a tiny real grid end to end."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import compare  # noqa: E402
+
+
+def test_parse_sweep():
+    assert compare.parse_sweep(["batch-size=32,64", "lr=0.1"]) == {"batch-size": ["32", "64"], "lr": ["0.1"]}
+    for bad in ["batch-size", "batch-size=", "=32", "batch-size=32,,64", "seed=1,2"]:
+        with pytest.raises(compare.UsageError):
+            compare.parse_sweep([bad])
+
+
+def test_expand_grid_names_and_commands():
+    runs = compare.expand_grid(["fixmatch", "supervised"], [40, 250], [0, 1], {"batch-size": ["32", "64"]},
+                               {"fixmatch": ["--mu", "3"], "supervised": []}, "runs")
+    assert len(runs) == 2 * 2 * 2 * 2
+    names = [r["name"] for r in runs]
+    assert len(set(names)) == len(names) and "fixmatch_n250_seed1_batch-size64" in names
+    r = next(r for r in runs if r["name"] == "fixmatch_n40_seed0_batch-size32")
+    assert r["cmd"][1:] == ["fixmatch.py", "--n-labeled", "40", "--seed", "0", "--out", os.path.join("runs", r["name"]),
+                            "--batch-size", "32", "--mu", "3"] or r["cmd"][1].endswith("fixmatch.py")
+    assert r["cmd"][-4:] == ["--batch-size", "32", "--mu", "3"] and r["folder"] == os.path.join("runs", r["name"])
+    s = next(r for r in runs if r["algorithm"] == "supervised")
+    assert "--mu" not in s["cmd"]
+
+
+def test_route_extra_gives_each_script_the_flags_it_accepts():
+    routed = compare.route_extra(["supervised", "fixmatch"], ["--mu", "3", "--device", "cpu", "--amp"], {})
+    assert routed == {"supervised": ["--device", "cpu", "--amp"], "fixmatch": ["--mu", "3", "--device", "cpu", "--amp"]}
+    assert compare.route_extra(["fixmatch"], ["--no-amp"], {}) == {"fixmatch": ["--no-amp"]}
+    with pytest.raises(compare.UsageError, match="--bogus"):
+        compare.route_extra(["fixmatch"], ["--bogus", "1"], {})
+    with pytest.raises(compare.UsageError, match="--mu"):
+        compare.route_extra(["supervised"], ["--mu", "3"], {})
+    with pytest.raises(compare.UsageError, match="set by compare.py"):
+        compare.route_extra(["fixmatch"], ["--seed", "3"], {})
+    with pytest.raises(compare.UsageError, match="supervised has no --mu"):
+        compare.route_extra(["supervised", "fixmatch"], [], {"mu": ["3", "7"]})
+
+
+def test_run_grid_skips_finished_runs_and_survives_failures(tmp_path, capsys):
+    def fake(name, code):
+        folder = str(tmp_path / name)
+        return {"name": name, "algorithm": "x", "folder": folder, "cmd": [sys.executable, "-c", code]}
+
+    finished = fake("done", "raise SystemExit('must not run')")
+    os.makedirs(finished["folder"])
+    open(os.path.join(finished["folder"], "results.json"), "w").write("{}")
+    ok = fake("ok", f"open({str(tmp_path / 'ok.ran')!r}, 'w').write('1')")
+    bad = fake("bad", "raise SystemExit(3)")
+    failed = compare.run_grid([finished, bad, ok], gpus=[])
+    assert failed == [bad]
+    assert (tmp_path / "ok.ran").exists()  # the failure did not stop the next run
+    out = capsys.readouterr().out
+    assert "3 runs, 1 finished, 2 to run" in out and f"FAILED (exit 3) bad; see {bad['folder']}.log" in out
+    assert "start done" not in out
+
+
+def write_run(root, name, algorithm, n, seed, median, best, top5, finished=True, **args):
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    full_args = {"n_labeled": n, "seed": seed, "out": folder, "lr": 0.03, "epochs": 1, "steps_per_epoch": 10, **args}
+    json.dump(full_args, open(os.path.join(folder, "args.json"), "w"))
+    metrics = [{"step": 10, "test_top1": median, "mask_rate": 0.5, "pseudo_acc": 0.9}]
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    if finished:
+        json.dump({"algorithm": algorithm, "median_last20_top1": median, "best_top1": best, "final_top5": top5},
+                  open(os.path.join(folder, "results.json"), "w"))
+
+
+def test_report_aggregates_seeds_and_keeps_different_settings_apart(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "fixmatch_n40_seed0", "fixmatch", 40, 0, 0.80, 0.82, 0.99, threshold=0.95)
+    write_run(root, "fixmatch_n40_seed1", "fixmatch", 40, 1, 0.84, 0.86, 0.97, threshold=0.95)
+    write_run(root, "fixmatch_n40_seed2", "fixmatch", 40, 2, 0.90, 0.91, 0.98, threshold=0.95)
+    write_run(root, "fixmatch_n250_seed0", "fixmatch", 250, 0, 0.90, 0.90, 0.99, threshold=0.95)
+    write_run(root, "tau08/fixmatch_n40_seed0", "fixmatch", 40, 0, 0.70, 0.71, 0.95, threshold=0.8)
+    write_run(root, "supervised_n40_seed0", "supervised", 40, 0, 0.50, 0.52, 0.90)
+    write_run(root, "supervised_n250_seed0", "supervised", 250, 0, 0.3, 0.3, 0.9, finished=False)
+    text = compare.report(root)
+    # mean of 80, 84, 90 = 84.67; sample std = sqrt(((-4.67)^2 + (-0.67)^2 + 5.33^2) / 2) = 5.03
+    assert "| fixmatch threshold=0.95 | 84.67 ± 5.03 (3) | 90.00 (1) |" in text
+    assert "| fixmatch threshold=0.8 | 70.00 (1) |  |" in text  # never averaged with the 0.95 runs
+    assert "| supervised | 50.00 (1) |  |" in text
+    # best: 82, 86, 91 -> mean 86.33, sample std sqrt((4.33^2 + 0.33^2 + 4.67^2) / 2) = 4.51
+    assert "| fixmatch threshold=0.95 | 86.33 ± 4.51 (3) | 90.00 (1) |" in text
+    assert "supervised_n250_seed0`: step 10/10, last EMA top-1 30.00%" in text and "## Unfinished runs" in text
+    for name in ("results.md", "accuracy_vs_labels.png", "curves.png"):
+        assert os.path.getsize(os.path.join(root, name)) > 0
+
+
+def test_dry_run_prints_commands_and_marks_finished(tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    os.makedirs(os.path.join(out, "fixmatch_n40_seed0"))
+    open(os.path.join(out, "fixmatch_n40_seed0", "results.json"), "w").write("{}")
+    assert compare.main(["--algorithms", "fixmatch", "--n-labeled", "40", "250", "--out", out, "--dry-run", "--", "--mu", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("# finished: python ")
+    assert lines[1].endswith(f"--n-labeled 250 --seed 0 --out {os.path.join(out, 'fixmatch_n250_seed0')} --mu 3")
+    assert not os.path.exists(os.path.join(out, "fixmatch_n250_seed0"))  # nothing run
+
+
+def test_slurm_script(tmp_path):
+    out = str(tmp_path / "runs")
+    assert compare.main(["--algorithms", "fixmatch", "supervised", "--n-labeled", "40", "--seeds", "0", "1",
+                         "--out", out, "--slurm"]) == 0
+    text = open(os.path.join(out, "grid.sbatch")).read()
+    assert "#SBATCH --array=0-3" in text and "#SBATCH --gres=gpu:1" in text
+    assert text.count("--n-labeled 40") == 4 and 'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"' in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--algorithms", "fixmatch", "bogus"], "unknown algorithm 'bogus'"),
+    (["--sweep", "batch-size"], "--sweep takes FLAG=V1,V2"),
+    (["--n-labeled", "5"], "--n-labeled must be between 10 and 50000"),
+    (["--", "--bogus"], "no selected script accepts --bogus"),
+])
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    assert compare.main(argv + ["--out", str(tmp_path)] if "--" not in argv else ["--out", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_tiny_real_grid(cifar_dir, tmp_path):
+    """2 algorithms x 2 label counts x 1 seed on synthetic data: results.md and both plots."""
+    out = str(tmp_path / "runs")
+    tiny = ["--data-dir", cifar_dir, "--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size", "8",
+            "--epochs", "1", "--steps-per-epoch", "4", "--eval-every", "2", "--mu", "1"]
+    assert compare.main(["--algorithms", "supervised", "fixmatch", "--n-labeled", "10", "20", "--out", out, "--"] + tiny) == 0
+    text = open(os.path.join(out, "results.md")).read()
+    assert "| supervised |" in text and "| fixmatch |" in text and "10 labels | 20 labels" in text
+    assert "Unfinished" not in text
+    for name in ("accuracy_vs_labels.png", "curves.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000
