@@ -19,6 +19,7 @@ TINY = ["--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size
 SCRIPTS = {
     "supervised": [],
     "fixmatch": ["--mu", "2", "--threshold", "0.5"],
+    "flexmatch": ["--mu", "2", "--threshold", "0.5"],
 }
 TIMING = {"img_per_s", "elapsed_s"}  # the only metrics allowed to differ between identical runs
 
@@ -107,6 +108,8 @@ BAD_INPUT = [
 SCRIPT_BAD_INPUT = {
     "fixmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
                  (["--threshold", "0"], "--threshold must be in (0, 1]")],
+    "flexmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
+                  (["--threshold", "0"], "--threshold must be in (0, 1]"), (["--lambda-u", "-1"], "--lambda-u must be >= 0")],
 }
 
 
