@@ -20,6 +20,8 @@ SCRIPTS = {
     "supervised": [],
     "fixmatch": ["--mu", "2", "--threshold", "0.5"],
     "flexmatch": ["--mu", "2", "--threshold", "0.5"],
+    "mixmatch": ["--k", "2", "--rampup-steps", "4"],
+    "remixmatch": ["--k-strong", "2", "--rampup-steps", "4", "--da-batches", "3"],
 }
 TIMING = {"img_per_s", "elapsed_s"}  # the only metrics allowed to differ between identical runs
 
@@ -110,6 +112,10 @@ SCRIPT_BAD_INPUT = {
                  (["--threshold", "0"], "--threshold must be in (0, 1]")],
     "flexmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
                   (["--threshold", "0"], "--threshold must be in (0, 1]"), (["--lambda-u", "-1"], "--lambda-u must be >= 0")],
+    "mixmatch": [(["--k", "0"], "--k must be >= 1"), (["--temperature", "0"], "--temperature must be > 0"),
+                 (["--alpha", "0"], "--alpha must be > 0"), (["--rampup-steps", "-1"], "--rampup-steps must be >= 0")],
+    "remixmatch": [(["--k-strong", "0"], "--k-strong must be >= 1"), (["--lambda-rot", "-1"], "--lambda-rot must be >= 0"),
+                   (["--da-batches", "0"], "--da-batches must be >= 1"), (["--temperature", "0"], "--temperature must be > 0")],
 }
 
 
