@@ -1,0 +1,588 @@
+"""ReMixMatch: Semi-Supervised Learning with Distribution Alignment and Augmentation Anchoring.
+Berthelot et al., ICLR 2020, arXiv 1911.09785.
+
+The idea: MixMatch (mixmatch.py), with the guessed label taken from one weakly augmented view of each
+unlabeled image (the anchor) and used as the target for K strongly augmented views of it (augmentation
+anchoring). Before sharpening, the guess is multiplied by p(y) / p~(y), the labeled class distribution over
+the model's running average prediction on unlabeled images, so that the predictions on unlabeled data
+match the label distribution in aggregate (distribution alignment). Cross-entropy replaces the squared
+error, and two extra losses on the first strong view stabilise training: its un-mixed cross-entropy with
+the guess, and predicting its rotation (Sections 3.1-3.3, Algorithm 1).
+
+    q_b    = Sharpen(Normalize(p(y | weak(u_b)) * p(y) / p~(y)), T)
+    X^     = (strong(x_b), onehot(y_b)),   U^ = ((weak(u_b), q_b), (strong_k(u_b), q_b) for k = 1..K)
+    X', U' = MixUp(X^_i, W_i),  MixUp(U^_i, W_(i+|X^|)),   W = Shuffle(Concat(X^, U^)),  as in MixMatch
+    L   = L_x + ramp(step) * (lambda_u * L_u + lambda_u1 * L_u1) + lambda_rot * L_rot
+    L_x   = 1/|X'|  sum_{(x, p) in X'}  H(p, p(y | x))
+    L_u   = 1/|U'|  sum_{(u, q) in U'}  H(q, p(y | u))
+    L_u1  = 1/B     sum_b  H(q_b, p(y | strong_1(u_b)))                                (pre-mixup loss)
+    L_rot = 1/B     sum_b  H(r_b, p_rot(r | Rotate(strong_1(u_b), 90 r_b deg)))       (r_b in 0..3)
+
+p~(y) is the mean of the model's predictions on the weak views over the last 128 batches; p(y) is the
+class distribution of the labeled split. q_b comes from the model being trained, without gradient.
+p_rot is a separate linear head on the network's pooled features.
+
+Defaults are the paper's CIFAR-10 setting (Sections 3.3 and 4, and the reference code,
+github.com/google-research/remixmatch, remixmatch_no_cta.py and cta/cta_remixmatch.py): B = 64 labeled and
+64 unlabeled images, K = 8 strong views, T = 0.5, alpha = 0.75, lambda_u = 1.5, lambda_u1 = 0.5,
+lambda_rot = 0.5; lambda_u and lambda_u1 (not lambda_rot, not L_x) ramp up linearly from 0 over the first
+16,384 steps (the reference's warmup_kimg = 1,024 at B = 64); WRN-28-2, EMA 0.999, 2^20 steps. The
+optimiser is, by default, the shared recipe of all four scripts (fixmatch.py: SGD with Nesterov momentum
+0.9, lr 0.03 with cosine decay, weight decay 5e-4 not on BatchNorm and biases), so that the algorithms are
+compared under one recipe. `--optimizer adam` is the paper's own (the reference's, the same as MixMatch's):
+Adam with a constant lr 0.002 and weight decay applied to the weights after every step, w <- w (1 - 0.02 lr).
+
+What differs from the paper:
+- Strong augmentation is common.strong_augment (RandAugment with random magnitudes + Cutout, as in
+  FixMatch), not the paper's CTAugment, which learns its magnitudes during training (Section 3.2.2).
+- p(y) is computed once from the labeled split; the reference estimates it as a running average of the
+  labeled batches' labels, which converges to the same distribution.
+- The rotations are assigned by position (0, 90, 180, 270 degrees in turn), as the reference does, not
+  drawn at random: the unlabeled batch is in random order, so each image still gets a random rotation.
+As in the reference, the labeled images are strongly augmented (Algorithm 1) and the weak view of every
+unlabeled image joins the K strong views in U^ (remixmatch_no_cta.py mixes all K + 1 views).
+
+    python remixmatch.py --n-labeled 4000                      # the paper's setting on a CUDA GPU
+    python remixmatch.py --n-labeled 250 --device cpu --depth 10 --widen-factor 1 --k-strong 2 --epochs 2 --steps-per-epoch 20
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (NUM_CLASSES, DataError, RandomBatches, WideResNet, labeled_split, load_cifar10, normalize,
+                    strong_augment, weak_augment)
+
+ALGORITHM = "remixmatch"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-labeled", type=int, default=4000, help="number of labeled training images (balanced over classes; 250/4000 in the paper)")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B (the unlabeled batch is B images too)")
+    p.add_argument("--k-strong", type=int, default=8, help="K: strongly augmented views of each unlabeled image trained towards the label guessed on its weak view")
+    p.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T of the guessed labels")
+    p.add_argument("--alpha", type=float, default=0.75, help="MixUp: lambda ~ Beta(alpha, alpha), one per example")
+    p.add_argument("--lambda-u", type=float, default=1.5, help="weight of the mixed unlabeled cross-entropy once ramped up")
+    p.add_argument("--lambda-u1", type=float, default=0.5, help="weight of the pre-mixup loss on the first strong view once ramped up")
+    p.add_argument("--lambda-rot", type=float, default=0.5, help="weight of the rotation loss (not ramped)")
+    p.add_argument("--rampup-steps", type=int, default=16384, help="lambda_u and lambda_u1 ramp up linearly from 0 over this many steps")
+    p.add_argument("--da-batches", type=int, default=128, help="distribution alignment: p~(y) averages the predictions of this many recent batches")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts (Nesterov, cosine lr decay); "
+                   "adam: the paper's (constant lr, weight decay w <- w (1 - wd lr) every step)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate; None means 0.03 with --optimizer sgd, 0.002 with adam")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (not on BatchNorm parameters and biases); None means 5e-4 with sgd, 0.02 with adam")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024, help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and checkpoint every this many steps")
+    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/mixmatch_n<n-labeled>_seed<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    args = p.parse_args(argv)
+    args.out = args.out or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
+    if args.lr is None:
+        args.lr = {"sgd": 0.03, "adam": 0.002}[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = {"sgd": 5e-4, "adam": 0.02}[args.optimizer]
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings with one line (DataError -> exit status 2)."""
+    checks = [
+        (10 <= args.n_labeled <= 50000, f"--n-labeled must be between 10 and 50000, got {args.n_labeled}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.k_strong >= 1, f"--k-strong must be >= 1, got {args.k_strong}"),
+        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
+        (min(args.lambda_u, args.lambda_u1, args.lambda_rot) >= 0, "--lambda-u, --lambda-u1 and --lambda-rot must be >= 0"),
+        (args.rampup_steps >= 0, f"--rampup-steps must be >= 0, got {args.rampup_steps}"),
+        (args.da_batches >= 1, f"--da-batches must be >= 1, got {args.da_batches}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
+        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
+         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0, f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Algorithm
+# ----------------------------------------------------------------------------------------------------
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Sharpen(p, T)_i = p_i^(1/T) / sum_j p_j^(1/T) over the last dimension (MixMatch, Section 3.2, eq. 7)."""
+    p = p ** (1 / temperature)
+    return p / p.sum(dim=-1, keepdim=True)
+
+
+def labeled_distribution(labels: torch.Tensor) -> torch.Tensor:
+    """p(y): the class frequencies of the labeled split."""
+    return torch.bincount(labels, minlength=NUM_CLASSES).float() / len(labels)
+
+
+def distribution_alignment(probs: torch.Tensor, p_data: torch.Tensor, p_model: torch.Tensor) -> torch.Tensor:
+    """Normalize(q * p(y) / p~(y)) for every row q of probs (Section 3.1): classes the model predicts more
+    often than the labels occur are scaled down, rarer ones up; each row stays a distribution."""
+    aligned = probs * (p_data / p_model)
+    return aligned / aligned.sum(dim=-1, keepdim=True)
+
+
+class PredictionHistory:
+    """p~(y): the model's mean prediction on unlabeled images over the last `size` batches (Section 3.1,
+    128 batches), kept as a ring buffer of batch means on the device. It starts as `size` uniform rows, like
+    the reference's PMovingAverage; the order of the rows does not matter for their mean.
+    """
+
+    def __init__(self, num_classes: int, size: int, device: torch.device):
+        self.buffer = torch.full((size, num_classes), 1.0 / num_classes, device=device)
+        self.pos = 0
+
+    def __call__(self) -> torch.Tensor:
+        p = self.buffer.mean(dim=0)
+        return p / p.sum()
+
+    def update(self, probs: torch.Tensor) -> None:
+        self.buffer[self.pos] = probs.mean(dim=0)  # a host integer index: no sync
+        self.pos = (self.pos + 1) % len(self.buffer)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.copy_(state["buffer"])
+        self.pos = state["pos"]
+
+
+def guess_labels(logits_weak: torch.Tensor, p_data: torch.Tensor, p_model: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The guessed label q_b = Sharpen(Normalize(p(y | weak(u_b)) p(y) / p~(y)), T) from the weak view's logits
+    [B, C] (Algorithm 1): distribution alignment, then sharpening; without gradient."""
+    probs = torch.softmax(logits_weak.detach().float(), dim=-1)
+    return sharpen(distribution_alignment(probs, p_data, p_model), temperature)
+
+
+def rotate_batch(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Image i of x [B, C, H, W] (square) rotated by r_i * 90 degrees counter-clockwise, r_i in 0..3."""
+    rotations = torch.stack([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    return rotations[r, torch.arange(len(x), device=x.device)]
+
+
+def sample_mixup(rng: np.random.Generator, n: int, alpha: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp's random draws for n examples: lambda ~ Beta(alpha, alpha) for every example, as the reference
+    does (libml/layers.py, MixMode.augment_pair draws a [batch, 1, 1, 1] lambda; the paper's eq. 8 is per
+    pair too), and the permutation that shuffles W.
+
+    Drawn on the host from a numpy Generator whose state goes into the checkpoint (torch's Beta sampler
+    takes no generator), then sent to the device without a host sync, like the augmentation parameters.
+    """
+    lam = torch.from_numpy(rng.beta(alpha, alpha, size=n)).float()
+    perm = torch.from_numpy(rng.permutation(n))
+    if device.type == "cuda":
+        return lam.pin_memory().to(device, non_blocking=True), perm.pin_memory().to(device, non_blocking=True)
+    return lam, perm
+
+
+def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp of every example i with example perm[i] of the same pool, images and targets alike:
+    l' = max(l, 1 - l), x'_i = l'_i x_i + (1 - l'_i) x_perm[i] (MixMatch, Section 3.3, eqs. 8-11).
+
+    l' >= 1/2 keeps each mixed example closer to its own image, so the first |X^| outputs stay "labeled"
+    examples and the rest "unlabeled" ones, with their own losses.
+    """
+    lam = torch.maximum(lam, 1 - lam)
+    lam_x = lam.view(-1, *[1] * (x.ndim - 1))
+    lam_t = lam.view(-1, *[1] * (targets.ndim - 1))
+    return lam_x * x + (1 - lam_x) * x[perm], lam_t * targets + (1 - lam_t) * targets[perm]
+
+
+def interleave(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """n tensors of the same length -> n batches; batch j holds slice j of every part (slices differ in size
+    by at most 1 when n does not divide the length). `deinterleave` undoes it."""
+    slices = [part.tensor_split(len(parts)) for part in parts]
+    return [torch.cat([s[j] for s in slices]) for j in range(len(parts))]
+
+
+def deinterleave(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of `interleave`: batch j is n equal slices, slice i of it belongs to part i."""
+    slices = [batch.tensor_split(len(batches)) for batch in batches]
+    return [torch.cat([s[i] for s in slices]) for i in range(len(batches))]
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: torch.nn.Module):
+    """Forward passes inside normalise with their batch's statistics (train mode) but leave BatchNorm's
+    running statistics alone: a BatchNorm layer in training mode with track_running_stats off neither
+    reads nor updates them. (Restoring saved statistics afterwards would trip autograd's in-place check.)"""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    tracking = [m.track_running_stats for m in bns]
+    for m in bns:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m, track in zip(bns, tracking):
+            m.track_running_stats = track
+
+
+def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
+    """Logits for each part, computed in len(parts) forward passes that each hold a slice of every part.
+
+    Why BatchNorm needs this: the reference sends the mixed labeled batch and the K + 1 mixed unlabeled
+    batches through the network in separate forward passes of B images, in training mode, so every pass
+    is normalised with its own batch statistics; and it keeps the running-statistics update of one pass
+    only (the last; the guessing, pre-mixup and rotation passes update nothing; our interleaved passes are
+    all the same mix, so we keep the first). Passed as they are, the labeled pass would be normalised with
+    statistics of (mostly) labeled images, the unlabeled passes with statistics of unlabeled ones, and the
+    running statistics used at test time would come from the labeled pass alone (MixMatch's reference)
+    or from an unlabeled one (ReMixMatch's). The reference's interleave swaps slices between
+    the batches so that each pass holds one slice of labeled images and the rest unlabeled, the proportion
+    of the whole; ours goes one step further, every pass holds a slice of every part. We keep the
+    reference's one pass per part, each of about B images, and its single update of the running statistics.
+    """
+    batches = interleave(parts)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
+        with frozen_bn_statistics(model):
+            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
+    return deinterleave(logits)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1/N sum_n H(targets_n, softmax(logits_n)) for soft targets [N, C]: L_x, L_u and L_u1 (Section 3.3)."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def linear_rampup(step: int, rampup_steps: int) -> float:
+    """The factor of lambda_u and lambda_u1 at (0-based) step: step / rampup_steps, then 1 (the reference's
+    clip(step / warmup, 0, 1) on w_match and w_kl; w_rot is not ramped)."""
+    return min(step / rampup_steps, 1.0) if rampup_steps > 0 else 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation: the shared recipe (SGD + Nesterov, cosine decay, weight decay off BN/biases, weight EMA),
+# or the paper's Adam with a constant lr and decoupled weight decay
+# ----------------------------------------------------------------------------------------------------
+def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
+    """lr * cos(7 pi k / (16 K)): decays to about 0.2 lr at the end rather than to 0 (FixMatch, Sec. 4)."""
+    return base_lr * math.cos(7 * math.pi * step / (16 * total_steps))
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]      # conv and linear weights
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm scales/shifts and biases
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "adam":
+        # The paper's Adam. AdamW's decoupled decay, w <- w (1 - lr wd) every step, is the reference's
+        # post-step `v * (1 - wd * lr)` on the conv and dense kernels (applied just before the Adam update
+        # instead of just after it: the difference is of order lr^2).
+        return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step
+# ----------------------------------------------------------------------------------------------------
+# Per-step statistics, summed on the device between log points. ramp is the ramp-up factor of lambda_u
+# and lambda_u1; pseudo_acc is the accuracy of the guessed labels (argmax q) on the unlabeled batch.
+STATS = ["loss", "loss_x", "loss_u", "loss_u1", "loss_rot", "ramp", "pseudo_acc"]
+
+
+def summarize(stats: torch.Tensor, steps: int) -> dict:
+    """Mean statistics since the last log point, read from the device (a host sync: log points only)."""
+    return dict(zip(STATS, (stats / steps).tolist()))
+
+
+def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, lam, perm, ramp: float, p_data, p_model, args, amp: bool) -> torch.Tensor:
+    """One ReMixMatch step on the labeled batch x_l [B, ...], the weak view x_uw [B, ...] and K strong views
+    x_us [K, B, ...] of the unlabeled batch, with the MixUp draws lam, perm [(K + 2) B], the labeled class
+    distribution p_data and the PredictionHistory p_model (updated here). Returns the step's statistics as a
+    tensor on the device (no host sync); y_u, the true labels of the unlabeled batch, only measure
+    guessed-label accuracy."""
+    k, b = x_us.shape[:2]
+    # Label guessing on the weak view in training mode, as the reference, leaving BatchNorm's running statistics alone.
+    with torch.no_grad(), frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits_uw = model(normalize(x_uw).contiguous(memory_format=torch.channels_last))
+    q = guess_labels(logits_uw, p_data, p_model(), args.temperature)
+    p_model.update(torch.softmax(logits_uw.float(), dim=1))  # after use: this batch counts from the next step on
+    # The first strong view, un-mixed (pre-mixup loss) and rotated (rotation loss): passes of their own with
+    # gradient, as in the reference. Rotations by position: 0, 90, 180, 270, 0, ... degrees.
+    r = torch.arange(b, device=x_us.device) % 4
+    with frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        logits_u1 = model(normalize(x_us[0]).contiguous(memory_format=torch.channels_last))
+        logits_rot = model.rot_head(model.features(normalize(rotate_batch(x_us[0], r)).contiguous(memory_format=torch.channels_last)))
+    x = normalize(torch.cat([x_l, x_uw, x_us.flatten(0, 1)]))  # X^ then U^, view by view
+    targets = torch.cat([F.one_hot(y_l, NUM_CLASSES).float(), q.repeat(k + 1, 1)])
+    x_mix, targets_mix = mixup(x, targets, lam, perm)
+    logits = forward_interleaved(model, list(x_mix.split(b)), amp)
+    loss_x = soft_cross_entropy(logits[0], targets_mix[:b])
+    loss_u = soft_cross_entropy(torch.cat(logits[1:]), targets_mix[b:])
+    loss_u1 = soft_cross_entropy(logits_u1, q)
+    loss_rot = F.cross_entropy(logits_rot.float(), r)
+    loss = loss_x + ramp * (args.lambda_u * loss_u + args.lambda_u1 * loss_u1) + args.lambda_rot * loss_rot
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    correct = (q.argmax(dim=1) == y_u).float()
+    return torch.stack([loss, loss_x, loss_u, loss_u1, loss_rot, torch.full_like(loss, ramp), correct.mean()]).detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch_size: int = 1000) -> dict:
+    """Top-1, top-5, mean cross-entropy and per-class top-1 of `model` on (x, y), in eval mode."""
+    model.eval()
+    loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            logits = model(xb).float()
+        yb = y[i:i + batch_size]
+        loss += F.cross_entropy(logits, yb, reduction="sum").item()
+        top = logits.topk(5, dim=1).indices
+        top1[i:i + batch_size] = top[:, 0] == yb
+        top5[i:i + batch_size] = (top == yb[:, None]).any(1)
+    model.train()
+    per_class = [top1[y == c].float().mean().item() for c in range(NUM_CLASSES)]
+    return {"top1": top1.float().mean().item(), "top5": top5.float().mean().item(), "loss": loss / len(x),
+            "per_class_top1": per_class}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folder, checkpoint and resume
+# ----------------------------------------------------------------------------------------------------
+# Flags that do not change what is computed: a rerun may change them and still resume.
+NOT_COMPARED = {"out", "overwrite", "log_every", "compile"}
+
+
+def prepare_run_dir(args: argparse.Namespace) -> None:
+    """Create --out, or check that the run in it was started with the same arguments."""
+    path = os.path.join(args.out, "args.json")
+    if os.path.exists(path) and not args.overwrite:
+        with open(path) as f:
+            old = json.load(f)
+        new = vars(args)
+        diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
+                if k not in NOT_COMPARED and old.get(k) != new.get(k)]
+        if diff:
+            raise DataError(f"{args.out} holds a run with other arguments ({'; '.join(diff)}); "
+                            "pass another --out, or --overwrite to start that run over")
+    if args.overwrite:
+        for name in ("checkpoint.pt", "metrics.jsonl", "results.json"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    os.makedirs(args.out, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(vars(args), f, indent=1)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def read_metrics(path: str, up_to_step: int) -> list[dict]:
+    """metrics.jsonl lines up to the checkpoint's step (later ones were written after the last checkpoint)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= up_to_step]
+
+
+def format_time(seconds: float) -> str:
+    h, m = divmod(int(seconds) // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{int(seconds) % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        prepare_run_dir(args)
+        results_path = os.path.join(args.out, "results.json")
+        if os.path.exists(results_path):
+            print(f"{args.out} already holds a finished run (results.json); nothing to do")
+            return 0
+        data = load_cifar10(args.data_dir)
+        labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(os.path.join(args.out, "labeled_indices.json"), "w") as f:
+        json.dump(labeled.tolist(), f)
+
+    device = torch.device(args.device)
+    amp = args.amp and device.type == "cuda"
+    torch.backends.cudnn.benchmark = True
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(depth=args.depth, widen_factor=args.widen_factor)
+    # The rotation classifier: its own linear head on the pooled features, beside the class head `fc`
+    # (initialised like the reference's classify_rot). As a submodule of the model it is trained, decayed
+    # (the reference decays its kernel too), averaged into the EMA, checkpointed and moved with the rest,
+    # so it must be attached before the EMA copy and the optimizer are made.
+    model.rot_head = nn.Linear(model.num_features, 4)
+    nn.init.xavier_normal_(model.rot_head.weight)
+    nn.init.zeros_(model.rot_head.bias)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model)
+    optimizer = make_optimizer(model, args, device)
+    forward = torch.compile(model) if args.compile else model
+    # Index streams over the labeled subset and over all 50,000 images (the unlabeled set includes the
+    # labeled ones, as in the paper); augmentation parameters and MixUp draws come from their own generators.
+    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
+    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.batch_size, seed=args.seed + 1)
+    aug_generator = torch.Generator().manual_seed(args.seed + 2)
+    mixup_rng = np.random.default_rng(args.seed + 3)
+    # Distribution alignment: p(y) from the labeled split, p~(y) from the model's recent predictions.
+    p_data = labeled_distribution(train_y[labeled.to(device)])
+    p_model = PredictionHistory(NUM_CLASSES, args.da_batches, device)
+
+    total_steps = args.epochs * args.steps_per_epoch
+    step, elapsed, metrics = 0, 0.0, []
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        labeled_batches.load_state_dict(ckpt["labeled_batches"])
+        unlabeled_batches.load_state_dict(ckpt["unlabeled_batches"])
+        aug_generator.set_state(ckpt["aug_generator"])
+        mixup_rng.bit_generator.state = ckpt["mixup_rng"]
+        p_model.load_state_dict(ckpt["p_model"])
+        step, elapsed = ckpt["step"], ckpt["elapsed"]
+        metrics = read_metrics(metrics_path, step)
+        with open(metrics_path, "w") as f:  # drop lines written after the checkpoint
+            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        print(f"resuming {args.out} from step {step}")
+
+    # Images through the network per step: the weak view (forward only), the first strong view un-mixed and
+    # rotated, then the labeled batch and all K + 1 views again, mixed (forward and backward).
+    images_per_step = args.batch_size * (5 + args.k_strong)
+    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
+          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
+    # Statistics are summed on the device over the steps since the last progress line and since the last
+    # evaluation; metrics.jsonl gets the latter (per-epoch means with the default flags).
+    log_stats, eval_stats = torch.zeros(len(STATS), device=device), torch.zeros(len(STATS), device=device)
+    log_steps = eval_steps = 0
+    t_start, step_start = time.perf_counter(), step
+    t_log = t_eval = t_start
+    result = None
+    try:
+        while step < total_steps:
+            lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr  # Adam: constant, as the paper
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx_l, idx_u = labeled_batches(), unlabeled_batches()
+            x_l = strong_augment(train_x[idx_l], aug_generator)  # labeled images are strongly augmented (Algorithm 1)
+            u = train_x[idx_u]
+            x_uw = weak_augment(u, aug_generator)
+            x_us = torch.stack([strong_augment(u, aug_generator) for _ in range(args.k_strong)])
+            lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)
+            ramp = linear_rampup(step, args.rampup_steps)
+            step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, train_y[idx_u], lam, perm, ramp,
+                                    p_data, p_model, args, amp)
+            ema_update(ema_model, model, args.ema_decay)
+            log_stats += step_stats
+            eval_stats += step_stats
+            step, log_steps, eval_steps = step + 1, log_steps + 1, eval_steps + 1
+
+            if step % args.log_every == 0 or step % args.eval_every == 0 or step == total_steps:
+                mean = summarize(log_stats, log_steps)  # the only host sync between evaluations
+                now = time.perf_counter()
+                eta = (now - t_start) / (step - step_start) * (total_steps - step)
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} (x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}, "
+                      f"u1 {mean['loss_u1']:.3f}, rot {mean['loss_rot']:.3f}) | ramp {mean['ramp']:.2f} "
+                      f"| guess-acc {mean['pseudo_acc']:.2f} | lr {lr:.4f} "
+                      f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
+                log_stats.zero_()
+                log_steps, t_log = 0, now
+
+            if step % args.eval_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr, **summarize(eval_stats, eval_steps),
+                       "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
+                result = evaluate(ema_model, test_x, test_y, amp)
+                elapsed += time.perf_counter() - t_start
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
+                metrics.append(row)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                      f"loss {result['loss']:.3f}", flush=True)
+                save_checkpoint(ckpt_path, {
+                    "step": step, "elapsed": elapsed, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "labeled_batches": labeled_batches.state_dict(),
+                    "unlabeled_batches": unlabeled_batches.state_dict(), "aug_generator": aug_generator.get_state(),
+                    "mixup_rng": mixup_rng.bit_generator.state, "p_model": p_model.state_dict()})
+                eval_stats.zero_()
+                eval_steps, step_start = 0, step
+                t_start = t_log = t_eval = time.perf_counter()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+    if result is None:  # resumed from the final checkpoint: results.json was not written yet
+        result = evaluate(ema_model, test_x, test_y, amp)
+    top1 = [m["test_top1"] for m in metrics]
+    results = {
+        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
+        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
+        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
+        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "wall_time_s": elapsed, "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "args": vars(args),
+    }
+    with open(results_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
+          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
