@@ -220,15 +220,26 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0) -> torch.Tensor
 
     Output pixel (row i, column j) takes the input pixel under (a*(j+.5) + b*(i+.5) + c,
     d*(j+.5) + e*(i+.5) + f), floored; pixels from outside the image get `fill` (PIL's default, black).
+    The arithmetic is Pillow's, so that sample points that fall exactly on a pixel edge land where they
+    land in Pillow: 16.16 fixed point for a general matrix (Geometry.c, affine_fixed), floating point for
+    a pure translation (Pillow's scale path).
     """
     bsz, ch, h, w = x.shape
     m = matrix.double().view(bsz, 6, 1, 1)
-    i = torch.arange(h, device=x.device, dtype=torch.float64).view(1, h, 1) + 0.5
-    j = torch.arange(w, device=x.device, dtype=torch.float64).view(1, 1, w) + 0.5
-    u = torch.floor(m[:, 0] * j + (m[:, 1] * i + m[:, 2]))  # source column
-    v = torch.floor(m[:, 3] * j + (m[:, 4] * i + m[:, 5]))  # source row
+    a, b, c, d, e, f = m.unbind(1)
+    i = torch.arange(h, device=x.device, dtype=torch.int64).view(1, h, 1)
+    j = torch.arange(w, device=x.device, dtype=torch.int64).view(1, 1, w)
+
+    def fix(v):  # to 16.16 fixed point, rounded as Pillow's FIX()
+        return torch.floor(v * 65536 + 0.5).long()
+
+    u = (fix(c + 0.5 * a + 0.5 * b) + i * fix(b) + j * fix(a)) >> 16  # source column
+    v = (fix(f + 0.5 * d + 0.5 * e) + i * fix(e) + j * fix(d)) >> 16  # source row
+    translation = ((b == 0) & (d == 0))
+    u = torch.where(translation, torch.floor(c + a * (j + 0.5)).long(), u)
+    v = torch.where(translation, torch.floor(f + e * (i + 0.5)).long(), v)
     inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    src = (v.clamp(0, h - 1) * w + u.clamp(0, w - 1)).long().view(bsz, 1, h * w).expand(bsz, ch, h * w)
+    src = (v.clamp(0, h - 1) * w + u.clamp(0, w - 1)).view(bsz, 1, h * w).expand(bsz, ch, h * w)
     out = x.reshape(bsz, ch, h * w).gather(2, src).reshape(bsz, ch, h, w)
     return torch.where(inside.unsqueeze(1), out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
@@ -249,7 +260,7 @@ def identity_lut(x, v):
 
 def posterize_lut(x, bits):
     """PIL ImageOps.posterize(x, int(bits)): keep the top bits of every value."""
-    shift = 2 ** (8 - torch.floor(_per_sample(bits, x))).view(-1, 1, 1)
+    shift = 2 ** (8 - torch.floor(_per_sample(bits, x)).clamp(max=8)).view(-1, 1, 1)  # a draw can round up to 9
     return torch.floor(_identity_lut(x) / shift) * shift
 
 

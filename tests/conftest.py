@@ -1,0 +1,104 @@
+"""Shared test fixtures: a small synthetic CIFAR-10 in the real file format.
+
+Tests never need the real data set: `write_cifar` writes 32x32 images that look like photos to the
+augmentation ops (smooth regions, gradients, a little pixel noise, clipped highlights) and carry a
+class-dependent colour and stripe pattern, so a tiny network trained for a few steps beats chance.
+"""
+
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+# One thread for the tests and the scripts they start: their tensors are tiny, so a second thread costs
+# more in synchronisation than it saves, and on a busy machine (a training run beside the tests) two
+# threads make every small op wait for two free cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# One colour per class (RGB, 0..255), far enough apart that the mean colour alone separates most classes.
+PALETTE = np.array([
+    [200, 60, 60], [60, 200, 60], [60, 60, 200], [200, 200, 60], [200, 60, 200],
+    [60, 200, 200], [230, 140, 40], [120, 60, 160], [140, 140, 140], [40, 110, 70],
+], dtype=np.float64)
+
+
+def synthetic_images(labels: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 images [N, 3, 32, 32] for the given labels (0..9); a pure function of (labels, seed)."""
+    rng = np.random.default_rng(seed)
+    n = len(labels)
+    # Smooth random content: 4x4 noise upsampled bilinearly, like the large blurry shapes of a photo.
+    low = torch.from_numpy(rng.uniform(0, 255, (n, 3, 4, 4)))
+    img = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False).numpy()
+    # A random linear gradient (lighting), so that no two corners have the same brightness.
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 32), np.linspace(-1, 1, 32), indexing="ij")
+    angle = rng.uniform(0, 2 * math.pi, (n, 1, 1, 1))
+    img += rng.uniform(20, 60, (n, 1, 1, 1)) * (np.cos(angle) * xx + np.sin(angle) * yy)
+    # The class signal: blend towards the class colour, plus stripes whose orientation depends on the class.
+    colour = PALETTE[labels].reshape(n, 3, 1, 1)
+    img = 0.5 * img + 0.5 * colour
+    theta = (labels.reshape(n, 1, 1, 1) * math.pi / 10)
+    phase = rng.uniform(0, 2 * math.pi, (n, 1, 1, 1))
+    img += 25 * np.sin(2 * math.pi * 3 * (np.cos(theta) * xx + np.sin(theta) * yy) / 2 + phase)
+    # Per-image contrast (some images clip at 0 or 255, as over-exposed photos do) and sensor noise.
+    mean = img.mean(axis=(1, 2, 3), keepdims=True)
+    img = mean + rng.uniform(0.6, 1.6, (n, 1, 1, 1)) * (img - mean) + rng.normal(0, 3, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _dump(path: str, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the originals are Python-2 pickles (protocol 2)
+
+
+def write_cifar(root: str, n_train_per_class: int = 50, n_test_per_class: int = 20, seed: int = 0) -> str:
+    """Write a synthetic CIFAR-10 into <root>/cifar-10-batches-py/ in the real file format; returns root.
+
+    data_batch_1..5 share the training images (class order shuffled, as in the real files), test_batch
+    holds the test images, batches.meta the class names. Keys are bytes, as `pickle.load(f,
+    encoding="bytes")` returns them for the originals; b"data" is uint8 [N, 3072] (R, G, B planes,
+    row-major), b"labels" a list of ints.
+    """
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    splits = {"train": n_train_per_class, "test": n_test_per_class}
+    for split, per_class in splits.items():
+        labels = rng.permutation(np.repeat(np.arange(10), per_class))
+        images = synthetic_images(labels, seed=int(rng.integers(2**31)))
+        data = images.reshape(len(labels), 3072)
+        if split == "train":
+            parts = np.array_split(np.arange(len(labels)), 5)  # sizes differ by at most 1 if not divisible
+            names = [f"data_batch_{i}" for i in range(1, 6)]
+        else:
+            parts, names = [np.arange(len(labels))], ["test_batch"]
+        for i, (name, idx) in enumerate(zip(names, parts)):
+            _dump(os.path.join(folder, name), {
+                b"batch_label": f"{split} batch {i + 1} of {len(parts)}".encode(),
+                b"labels": [int(y) for y in labels[idx]],
+                b"data": np.ascontiguousarray(data[idx]),
+                b"filenames": [f"synthetic_{split}_{j}.png".encode() for j in idx],
+            })
+    _dump(os.path.join(folder, "batches.meta"), {
+        b"label_names": [name.encode() for name in CLASS_NAMES],
+        b"num_cases_per_batch": 10000,
+        b"num_vis": 3072,
+    })
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> str:
+    """A folder holding cifar-10-batches-py/ with the default synthetic set (500 train, 200 test images)."""
+    return write_cifar(str(tmp_path_factory.mktemp("cifar")))
+
+
+@pytest.fixture(scope="session")
+def photo_like_images() -> torch.Tensor:
+    """uint8 [40, 3, 32, 32] of the synthetic kind above, 4 of every class (for augmentation tests)."""
+    return torch.from_numpy(synthetic_images(np.repeat(np.arange(10), 4), seed=1))

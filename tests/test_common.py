@@ -1,0 +1,411 @@
+"""Tests of common.py: every augmentation op against Pillow, the weak/strong pipelines, the labeled split,
+the loader (including its errors), the index stream and the WideResNet. CPU only, a few seconds."""
+
+import io
+import math
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageEnhance, ImageOps
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pillow references
+# ----------------------------------------------------------------------------------------------------
+def to_pil(img: torch.Tensor) -> Image.Image:
+    return Image.fromarray(img.permute(1, 2, 0).numpy())
+
+
+def from_pil(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+
+
+def pil_op(name: str, im: Image.Image, v: float) -> Image.Image:
+    """The RandAugment op as FixMatch's reference writes it with Pillow (NEAREST resampling, black fill)."""
+    if name == "Identity":
+        return im
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(im)
+    if name == "Equalize":
+        return ImageOps.equalize(im)
+    if name == "Posterize":
+        return ImageOps.posterize(im, int(math.floor(v)))
+    if name == "Solarize":
+        return ImageOps.solarize(im, int(math.floor(v)))
+    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
+        return getattr(ImageEnhance, name)(im).enhance(v)
+    if name == "Rotate":
+        return im.rotate(v)
+    affine = {"ShearX": (1, v, 0, 0, 1, 0), "ShearY": (1, 0, 0, v, 1, 0),
+              "TranslateX": (1, 0, v * im.size[0], 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, v * im.size[1])}
+    return im.transform(im.size, Image.AFFINE, affine[name])
+
+
+def pil_batch(name: str, x: torch.Tensor, values) -> torch.Tensor:
+    values = [float(values)] * len(x) if np.isscalar(values) else [float(v) for v in values]
+    return torch.stack([from_pil(pil_op(name, to_pil(img), v)) for img, v in zip(x, values)])
+
+
+@pytest.fixture(scope="module")
+def images(photo_like_images) -> torch.Tensor:
+    """Photo-like images plus the corner cases the lookup-table ops special-case."""
+    base = photo_like_images[:24]
+    g = torch.Generator().manual_seed(0)
+    constant = torch.full((1, 3, 32, 32), 77, dtype=torch.uint8)  # AutoContrast/Equalize leave it alone
+    one_flat_channel = base[:1].clone()
+    one_flat_channel[:, 1] = 200
+    narrow = (100 + base[1:2].float() / 255 * 10).round().to(torch.uint8)  # values 100..110 only
+    two_values = torch.where(torch.rand(1, 1, 32, 32, generator=g) < 0.3, 10, 240).to(torch.uint8).expand(1, 3, 32, 32)
+    noise = torch.randint(0, 256, (1, 3, 32, 32), generator=g, dtype=torch.uint8)  # not smooth at all
+    return torch.cat([base, constant, one_flat_channel, narrow, two_values, noise])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each op vs Pillow at fixed magnitudes across its range
+# ----------------------------------------------------------------------------------------------------
+def _op_cases():
+    cases = []
+    for name, (_, _, lo, hi) in common.RANDAUGMENT_OPS.items():
+        if lo == hi:
+            cases.append(pytest.param(name, float(lo), id=name))
+            continue
+        values = [lo + (hi - lo) * q for q in (0, 0.25, 0.5, 0.75, 1)]
+        if name == "Posterize":
+            # PIL accepts 1..8 bits, so the top end is the largest value below 9 (it keeps 8 bits); also a
+            # value just below an integer, to check the floor.
+            values = values[:-1] + [math.nextafter(9.0, 0.0), 4.99]
+        if name == "Solarize":
+            values.append(127.9)  # floored to 127
+        for v in values:
+            cases.append(pytest.param(name, float(v), id=f"{name}-{v:g}"))
+    # Shear 0.2 puts the sample points of every fifth row exactly on a pixel edge (0.5 + 0.2 * (row + 0.5)
+    # is a whole number), where Pillow's 16.16 fixed-point coefficients decide the side: common.warp must
+    # use the same arithmetic to agree there.
+    for name in ("ShearX", "ShearY"):
+        cases.append(pytest.param(name, 0.2, id=f"{name}-0.2-tie"))
+    return cases
+
+
+@pytest.mark.parametrize("name, v", _op_cases())
+def test_op_matches_pillow(images, name, v):
+    ours = common.apply_op(name, images, v)
+    ref = pil_batch(name, images, v)
+    assert ours.dtype == torch.uint8 and ours.shape == images.shape
+    differ = (ours != ref).any(1)
+    assert torch.equal(ours, ref), f"{int(differ.sum())} of {differ.numel()} pixels differ"
+
+
+@pytest.mark.parametrize("name", common.OP_NAMES)
+def test_op_with_one_value_per_image_matches_pillow(images, name):
+    _, _, lo, hi = common.RANDAUGMENT_OPS[name]
+    g = torch.Generator().manual_seed(common.OP_NAMES.index(name))
+    values = lo + (hi - lo) * torch.rand(len(images), generator=g, dtype=torch.float64)
+    ours = common.apply_op(name, images, values)
+    ref = pil_batch(name, images, values)
+    differ = (ours != ref).any(1)
+    assert torch.equal(ours, ref), f"{int(differ.sum())} of {differ.numel()} pixels differ"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weak augmentation and Cutout
+# ----------------------------------------------------------------------------------------------------
+def test_flip_translate_matches_numpy_pad_and_crop(photo_like_images):
+    cases = [(False, 0, 0), (True, 0, 0), (False, -4, -4), (True, 4, 4), (False, 4, -4), (True, -4, 3),
+             (False, 2, -1), (True, -3, 0), (True, 1, -2), (False, 0, 4)]
+    x = photo_like_images[:len(cases)]
+    flip, dy, dx = (torch.tensor(c) for c in zip(*cases))
+    out = common.flip_translate(x, flip, dy, dx)
+    for i, (f, sy, sx) in enumerate(cases):
+        img = x[i].numpy()
+        if f:
+            img = img[:, :, ::-1]
+        padded = np.pad(img, ((0, 0), (4, 4), (4, 4)), mode="reflect")
+        ref = padded[:, 4 + sy:4 + sy + 32, 4 + sx:4 + sx + 32]
+        np.testing.assert_array_equal(out[i].numpy(), ref, err_msg=f"flip={f} dy={sy} dx={sx}")
+
+
+def test_weak_augment_is_flip_translate_with_its_draws(photo_like_images):
+    x = photo_like_images
+    g = torch.Generator().manual_seed(3)
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    out = common.weak_augment(x, g)
+    flip = torch.rand(len(x), generator=replay) < 0.5
+    shift = torch.randint(-4, 5, (2, len(x)), generator=replay)
+    assert flip.any() and not flip.all() and shift.abs().max() == 4  # the draws span the whole range
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, common.flip_translate(x, flip, shift[0], shift[1]))
+
+
+def test_cutout_hand_computed():
+    x = (torch.arange(2 * 3 * 8 * 8) % 101).to(torch.uint8).reshape(2, 3, 8, 8)  # no pixel is 127 yet
+    out = common.cutout(x, cy=torch.tensor([4, 0]), cx=torch.tensor([3, 7]), size=4, fill=127)
+    expected = x.clone()
+    expected[0, :, 2:6, 1:5] = 127  # rows 4-2..4+1, columns 3-2..3+1
+    expected[1, :, 0:2, 5:8] = 127  # centre in the top-right corner: clipped to 2 rows x 3 columns
+    assert torch.equal(out, expected)
+
+
+def test_cutout_default_size_clipped_at_border():
+    x = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    out = common.cutout(x, cy=torch.tensor([31]), cx=torch.tensor([0]))
+    expected = x.clone()
+    expected[0, :, 23:32, 0:8] = 127  # a 16 px square centred at (31, 0): rows 23..38, columns -8..7
+    assert torch.equal(out, expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RandAugment and strong augmentation
+# ----------------------------------------------------------------------------------------------------
+def test_randaugment_equals_apply_op_image_by_image(images):
+    x = images
+    g = torch.Generator().manual_seed(11)
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    out = common.randaugment(x, g)
+    ref, drawn = x.clone(), set()
+    for _ in range(2):  # randaugment's draws per round: the op per image, then a uniform per image
+        op = torch.randint(0, len(common.OP_NAMES), (len(x),), generator=replay)
+        u = torch.rand(len(x), generator=replay, dtype=torch.float64)
+        for i in range(len(x)):
+            name = common.OP_NAMES[op[i]]
+            _, _, lo, hi = common.RANDAUGMENT_OPS[name]
+            ref[i:i + 1] = common.apply_op(name, ref[i:i + 1], lo + (hi - lo) * u[i])
+            drawn.add(name)
+    assert len(drawn) >= 12  # the batch mixes (almost) every op, so the grouping by op is exercised
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("augment", [common.randaugment, common.strong_augment])
+def test_augment_is_random_per_image(photo_like_images, augment):
+    x = photo_like_images[5:6].expand(64, 3, 32, 32).contiguous()
+    out = augment(x, torch.Generator().manual_seed(0))
+    distinct = torch.unique(out.reshape(64, -1), dim=0)
+    assert len(distinct) >= 56, f"only {len(distinct)} distinct outputs for 64 copies of one image"
+
+
+@pytest.mark.parametrize("augment", [common.weak_augment, common.randaugment, common.strong_augment])
+def test_augment_dtype_shape_and_seed(photo_like_images, augment):
+    x = photo_like_images
+    a = augment(x, torch.Generator().manual_seed(5))
+    b = augment(x, torch.Generator().manual_seed(5))
+    c = augment(x, torch.Generator().manual_seed(6))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, x)
+    # Float images with integer values give the same values (common.py's augmentation contract).
+    f = augment(x.float(), torch.Generator().manual_seed(5))
+    assert f.dtype == torch.float32 and torch.equal(f, a.float())
+
+
+def test_strong_augment_is_weak_randaugment_cutout(photo_like_images):
+    x = photo_like_images
+    g = torch.Generator().manual_seed(8)
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    out = common.strong_augment(x, g)
+    ref = common.randaugment(common.weak_augment(x, replay), replay)
+    centre = torch.randint(0, 32, (2, len(x)), generator=replay)
+    assert torch.equal(out, common.cutout(ref, centre[0], centre[1], 16, 127))
+    # Cutout comes last: every image keeps at least an 8x8 (corner-clipped) square of pure 127 gray.
+    gray = (out == 127).all(1)
+    for i in range(len(x)):
+        cy, cx = int(centre[0, i]), int(centre[1, i])
+        assert gray[i, max(cy - 8, 0):cy + 8, max(cx - 8, 0):cx + 8].all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Labeled split
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def labels() -> torch.Tensor:
+    """5000 labels, 500 per class, in a shuffled order."""
+    return (torch.arange(5000) % 10)[torch.randperm(5000, generator=torch.Generator().manual_seed(0))]
+
+
+@pytest.mark.parametrize("n", [10, 40, 37, 250, 1234, 4999, 5000])
+def test_labeled_split_size_balance_sorted(labels, n):
+    idx = common.labeled_split(labels, n, seed=0)
+    assert idx.dtype == torch.int64 and len(idx) == n
+    assert (idx[1:] > idx[:-1]).all()  # sorted and unique
+    assert 0 <= idx.min() and idx.max() < len(labels)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts.max() - counts.min() <= 1
+    assert sorted(counts.tolist()) == sorted([n // 10 + (c < n % 10) for c in range(10)])
+
+
+def test_labeled_split_seeding(labels):
+    a = common.labeled_split(labels, 250, seed=1)
+    assert torch.equal(a, common.labeled_split(labels, 250, seed=1))
+    b = common.labeled_split(labels, 250, seed=2)
+    assert len(set(a.tolist()) ^ set(b.tolist())) > 100  # mostly different images, not a reordering
+    # Which classes get the extra image is seeded too.
+    extra = {tuple(torch.bincount(labels[common.labeled_split(labels, 37, s)], minlength=10).tolist())
+             for s in range(5)}
+    assert len(extra) > 1
+
+
+def test_labeled_split_unbalanced_classes():
+    labels = torch.cat([torch.zeros(30, dtype=torch.int64), torch.arange(1, 10).repeat_interleave(100)])
+    idx = common.labeled_split(labels, 300, seed=0)
+    assert torch.bincount(labels[idx], minlength=10).tolist() == [30] * 10
+    with pytest.raises(common.DataError, match="class 0 has 30"):
+        common.labeled_split(labels, 310, seed=0)
+
+
+@pytest.mark.parametrize("n", [0, 9, 5001])
+def test_labeled_split_out_of_range(labels, n):
+    with pytest.raises(common.DataError, match="between 10 and 5000"):
+        common.labeled_split(labels, n, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loader
+# ----------------------------------------------------------------------------------------------------
+def _read_pickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def test_load_cifar10_matches_files(cifar_dir):
+    data = common.load_cifar10(cifar_dir, download=False)
+    folder = os.path.join(cifar_dir, "cifar-10-batches-py")
+    assert data["train_x"].shape == (500, 3, 32, 32) and data["train_x"].dtype == torch.uint8
+    assert data["test_x"].shape == (200, 3, 32, 32) and data["test_x"].dtype == torch.uint8
+    assert data["train_y"].dtype == torch.int64 and data["test_y"].dtype == torch.int64
+    assert torch.bincount(data["train_y"]).tolist() == [50] * 10
+    assert torch.bincount(data["test_y"]).tolist() == [20] * 10
+    # The batches are concatenated in file order; image k of data_batch_3 keeps its pixels (R, G, B planes,
+    # each row-major) and its label.
+    offset = sum(len(_read_pickle(os.path.join(folder, f"data_batch_{i}"))[b"labels"]) for i in (1, 2))
+    entry = _read_pickle(os.path.join(folder, "data_batch_3"))
+    k = 7
+    row = entry[b"data"][k]
+    img = data["train_x"][offset + k]
+    assert img[0, 0, 0] == row[0] and img[0, 0, 1] == row[1] and img[0, 1, 0] == row[32]
+    assert img[1, 0, 0] == row[1024] and img[2, 31, 31] == row[3071]
+    assert torch.equal(img, torch.from_numpy(row.reshape(3, 32, 32)))
+    assert data["train_y"][offset:offset + len(entry[b"labels"])].tolist() == entry[b"labels"]
+    test = _read_pickle(os.path.join(folder, "test_batch"))
+    assert torch.equal(data["test_x"][-1], torch.from_numpy(test[b"data"][-1].reshape(3, 32, 32)))
+
+
+def test_load_cifar10_missing_folder(tmp_path):
+    with pytest.raises(common.DataError) as e:
+        common.load_cifar10(str(tmp_path / "nowhere"), download=False)
+    assert os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in str(e.value)
+
+
+def test_load_cifar10_missing_file(cifar_dir, tmp_path):
+    shutil.copytree(cifar_dir, tmp_path, dirs_exist_ok=True)
+    os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_4")
+    with pytest.raises(common.DataError, match="missing data_batch_4"):
+        common.load_cifar10(str(tmp_path), download=False)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _garble(path):
+    data = bytearray(path.read_bytes())
+    data[:64] = b"\x00" * 64  # 0x00 is no pickle opcode
+    path.write_bytes(bytes(data))
+
+
+def _wrong_content(path):
+    entry = _read_pickle(str(path))
+    entry[b"labels"] = [y + 10 for y in entry[b"labels"]]  # a valid pickle, but labels 10..19
+    path.write_bytes(pickle.dumps(entry, protocol=2))
+
+
+def _not_a_dict(path):
+    path.write_bytes(pickle.dumps([1, 2, 3]))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garble, _wrong_content, _not_a_dict])
+@pytest.mark.parametrize("name", ["data_batch_2", "test_batch"])
+def test_load_cifar10_broken_file(cifar_dir, tmp_path, damage, name):
+    shutil.copytree(cifar_dir, tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "cifar-10-batches-py" / name
+    damage(path)
+    with pytest.raises(common.DataError) as e:
+        common.load_cifar10(str(tmp_path), download=False)
+    assert str(path) in str(e.value)
+    # One clean line: no pickle exception chained to it (its traceback would bury the message).
+    assert e.value.__cause__ is None and (e.value.__context__ is None or e.value.__suppress_context__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index stream
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("batch_size", [3, 10, 25])
+def test_random_batches_epochs_without_replacement(batch_size):
+    indices = torch.arange(100, 110)  # positions 0..9 hold values 100..109: the stream returns values
+    stream = common.RandomBatches(indices, batch_size, seed=0)
+    drawn = torch.cat([stream() for _ in range(30)])
+    assert len(drawn) == 30 * batch_size
+    epochs = drawn.reshape(-1, 10)  # 30 * batch_size is a whole number of epochs of 10
+    assert (epochs.sort(1).values == indices).all()
+    assert len({tuple(e.tolist()) for e in epochs}) > 1  # reshuffled between epochs
+
+
+def test_random_batches_resume_is_exact():
+    indices = torch.randperm(50, generator=torch.Generator().manual_seed(1))
+    stream = common.RandomBatches(indices, 16, seed=3)
+    for _ in range(7):  # stop mid-epoch
+        stream()
+    buf = io.BytesIO()
+    torch.save(stream.state_dict(), buf)  # the round trip a checkpoint makes
+    expected = [stream() for _ in range(10)]
+    resumed = common.RandomBatches(indices, 16, seed=99)
+    fresh = [resumed() for _ in range(10)]
+    buf.seek(0)
+    resumed.load_state_dict(torch.load(buf))
+    got = [resumed() for _ in range(10)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert not all(torch.equal(a, b) for a, b in zip(expected, fresh))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model and input normalization
+# ----------------------------------------------------------------------------------------------------
+def test_wrn_28_2_parameter_count():
+    model = common.WideResNet()
+    assert sum(p.numel() for p in model.parameters()) == 1_467_610
+
+
+@pytest.mark.parametrize("depth, width, features", [(28, 2, 128), (10, 1, 64)])
+def test_wrn_output_shapes(depth, width, features):
+    model = common.WideResNet(num_classes=10, depth=depth, widen_factor=width).eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert model.features(x).shape == (3, features)
+        assert model(x).shape == (3, 10)
+    assert model.num_features == features
+
+
+@pytest.mark.parametrize("depth", [4, 9, 27])
+def test_wrn_invalid_depth(depth):
+    with pytest.raises(ValueError, match="6n\\+4"):
+        common.WideResNet(depth=depth)
+
+
+def test_normalize_hand_computed():
+    x = torch.tensor([[0, 255], [128, 51], [255, 0]], dtype=torch.uint8).reshape(1, 3, 1, 2)
+    out = common.normalize(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    # (v / 255 - mean) / std with CIFAR-10's per-channel statistics.
+    expected = torch.tensor([[(0 - 0.4914) / 0.2471, (1 - 0.4914) / 0.2471],
+                             [(128 / 255 - 0.4822) / 0.2435, (51 / 255 - 0.4822) / 0.2435],
+                             [(1 - 0.4465) / 0.2616, (0 - 0.4465) / 0.2616]]).reshape(1, 3, 1, 2)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert abs(out[0, 0, 0, 0].item() - (-1.98867)) < 1e-4  # -0.4914 / 0.2471, worked by hand
