@@ -27,7 +27,8 @@ import common  # noqa: E402
 
 
 def pil_op(im: Image.Image, name: str, v: float) -> Image.Image:
-    """One RandAugment op as FixMatch's reference writes it with Pillow."""
+    """One RandAugment op as FixMatch's reference writes it with Pillow (NEAREST resampling, black fill); v in
+    the op's own units, as in common.RANDAUGMENT_OPS (Posterize and Solarize take int(v), v >= 0)."""
     if name == "Identity":
         return im
     if name == "AutoContrast":

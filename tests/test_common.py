@@ -6,13 +6,18 @@ import math
 import os
 import pickle
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 import common
+
+# The per-image Pillow version of each RandAugment op, shared with the throughput benchmark.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from augment_throughput import pil_op  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -26,30 +31,14 @@ def from_pil(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
-def pil_op(name: str, im: Image.Image, v: float) -> Image.Image:
-    """The RandAugment op as FixMatch's reference writes it with Pillow (NEAREST resampling, black fill)."""
-    if name == "Identity":
-        return im
-    if name == "AutoContrast":
-        return ImageOps.autocontrast(im)
-    if name == "Equalize":
-        return ImageOps.equalize(im)
-    if name == "Posterize":
-        return ImageOps.posterize(im, int(math.floor(v)))
-    if name == "Solarize":
-        return ImageOps.solarize(im, int(math.floor(v)))
-    if name in ("Brightness", "Color", "Contrast", "Sharpness"):
-        return getattr(ImageEnhance, name)(im).enhance(v)
-    if name == "Rotate":
-        return im.rotate(v)
-    affine = {"ShearX": (1, v, 0, 0, 1, 0), "ShearY": (1, 0, 0, v, 1, 0),
-              "TranslateX": (1, 0, v * im.size[0], 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, v * im.size[1])}
-    return im.transform(im.size, Image.AFFINE, affine[name])
+def generator_pair(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    """Two CPU generators in the same state: one for the function under test, one to replay its draws."""
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
 
 
 def pil_batch(name: str, x: torch.Tensor, values) -> torch.Tensor:
     values = [float(values)] * len(x) if np.isscalar(values) else [float(v) for v in values]
-    return torch.stack([from_pil(pil_op(name, to_pil(img), v)) for img, v in zip(x, values)])
+    return torch.stack([from_pil(pil_op(to_pil(img), name, v)) for img, v in zip(x, values)])
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +121,7 @@ def test_flip_translate_matches_numpy_pad_and_crop(photo_like_images):
 
 def test_weak_augment_is_flip_translate_with_its_draws(photo_like_images):
     x = photo_like_images
-    g = torch.Generator().manual_seed(3)
-    replay = torch.Generator()
-    replay.set_state(g.get_state())
+    g, replay = generator_pair(3)
     out = common.weak_augment(x, g)
     flip = torch.rand(len(x), generator=replay) < 0.5
     shift = torch.randint(-4, 5, (2, len(x)), generator=replay)
@@ -165,9 +152,7 @@ def test_cutout_default_size_clipped_at_border():
 # ----------------------------------------------------------------------------------------------------
 def test_randaugment_equals_apply_op_image_by_image(images):
     x = images
-    g = torch.Generator().manual_seed(11)
-    replay = torch.Generator()
-    replay.set_state(g.get_state())
+    g, replay = generator_pair(11)
     out = common.randaugment(x, g)
     ref, drawn = x.clone(), set()
     for _ in range(2):  # randaugment's draws per round: the op per image, then a uniform per image
@@ -207,9 +192,7 @@ def test_augment_dtype_shape_and_seed(photo_like_images, augment):
 
 def test_strong_augment_is_weak_randaugment_cutout(photo_like_images):
     x = photo_like_images
-    g = torch.Generator().manual_seed(8)
-    replay = torch.Generator()
-    replay.set_state(g.get_state())
+    g, replay = generator_pair(8)
     out = common.strong_augment(x, g)
     ref = common.randaugment(common.weak_augment(x, replay), replay)
     centre = torch.randint(0, 32, (2, len(x)), generator=replay)
