@@ -159,8 +159,7 @@ def _identity_lut(x: torch.Tensor) -> torch.Tensor:
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
     """Map every pixel through a per-image, per-channel lookup table lut [B, 3, 256]."""
     b, c, h, w = x.shape
-    out = lut.to(torch.float32).gather(2, x.reshape(b, c, h * w).long())
-    return out.reshape(b, c, h, w).to(x.dtype)
+    return lut.to(x.dtype).gather(2, x.reshape(b, c, h * w).long()).reshape(b, c, h, w)
 
 
 def autocontrast_lut(x: torch.Tensor, v=None) -> torch.Tensor:
@@ -225,23 +224,26 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0) -> torch.Tensor
     a pure translation (Pillow's scale path).
     """
     bsz, ch, h, w = x.shape
-    m = matrix.double().view(bsz, 6, 1, 1)
-    a, b, c, d, e, f = m.unbind(1)
+    a, b, c, d, e, f = matrix.double().view(bsz, 6, 1, 1).unbind(1)
     i = torch.arange(h, device=x.device, dtype=torch.int64).view(1, h, 1)
     j = torch.arange(w, device=x.device, dtype=torch.int64).view(1, 1, w)
 
-    def fix(v):  # to 16.16 fixed point, rounded as Pillow's FIX()
-        return torch.floor(v * 65536 + 0.5).long()
+    def fix(t):  # to 16.16 fixed point, rounded as Pillow's FIX()
+        return torch.floor(t * 65536 + 0.5).long()
 
-    u = (fix(c + 0.5 * a + 0.5 * b) + i * fix(b) + j * fix(a)) >> 16  # source column
-    v = (fix(f + 0.5 * d + 0.5 * e) + i * fix(e) + j * fix(d)) >> 16  # source row
-    translation = ((b == 0) & (d == 0))
-    u = torch.where(translation, torch.floor(c + a * (j + 0.5)).long(), u)
-    v = torch.where(translation, torch.floor(f + e * (i + 0.5)).long(), v)
-    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    src = (v.clamp(0, h - 1) * w + u.clamp(0, w - 1)).view(bsz, 1, h * w).expand(bsz, ch, h * w)
-    out = x.reshape(bsz, ch, h * w).gather(2, src).reshape(bsz, ch, h, w)
-    return torch.where(inside.unsqueeze(1), out, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+    # The sample point of pixel (0, 0). A pure translation takes Pillow's floating-point path, which floors
+    # offset + j: the same as fixed point with the offset floored first.
+    ox, oy = c + 0.5 * a + 0.5 * b, f + 0.5 * d + 0.5 * e
+    translation = (b == 0) & (d == 0)
+    ox = torch.where(translation, torch.floor(ox).long() << 16, fix(ox))
+    oy = torch.where(translation, torch.floor(oy).long() << 16, fix(oy))
+    u = (ox + i * fix(b) + j * fix(a)) >> 16  # source column
+    v = (oy + i * fix(e) + j * fix(d)) >> 16  # source row
+    # Source pixels outside the image read an extra pixel of value `fill` appended after the last one.
+    inside = (u == u.clamp(0, w - 1)) & (v == v.clamp(0, h - 1))
+    src = torch.where(inside, v * w + u, h * w).view(bsz, 1, h * w).expand(bsz, ch, h * w)
+    padded = torch.cat([x.reshape(bsz, ch, h * w), torch.full((bsz, ch, 1), fill, dtype=x.dtype, device=x.device)], 2)
+    return padded.gather(2, src).reshape(bsz, ch, h, w)
 
 
 def _affine(x: torch.Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> torch.Tensor:
@@ -359,8 +361,8 @@ def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int = 16, 
     rows = torch.arange(h, device=x.device).view(1, h, 1)
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     cy, cx = cy.view(-1, 1, 1), cx.view(-1, 1, 1)
-    box = (rows >= cy - size // 2) & (rows < cy + size // 2) & (cols >= cx - size // 2) & (cols < cx + size // 2)
-    return torch.where(box.unsqueeze(1), torch.as_tensor(fill, dtype=x.dtype, device=x.device), x)
+    box = ((rows >= cy - size // 2) & (rows < cy + size // 2)) & ((cols >= cx - size // 2) & (cols < cx + size // 2))
+    return x.masked_fill(box.unsqueeze(1), fill)
 
 
 def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -411,7 +413,7 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
         order = torch.argsort(op, stable=True)  # images grouped by op; the host knows each group's size
         counts = torch.bincount(op, minlength=len(OP_NAMES)).tolist()
         order, u = _to_device(order, x.device), _to_device(u[order], x.device)
-        grouped, parts, start = x[order], [], 0
+        grouped, out, start = x[order], torch.empty_like(x), 0
         # Ops of one kind are adjacent in OP_NAMES, so each kind is one block of `grouped`: one lookup,
         # one blend and one warp per round, whatever mix of ops the images drew.
         for kind in ("lut", "blend", "warp"):
@@ -422,9 +424,10 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
                     args.append(fn(grouped[end:end + n], values[-1]))
                     end += n
             if end > start:
-                parts.append(_apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values)))
+                block = _apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values))
+                out.index_copy_(0, order[start:end], block)  # back to the images' own positions
             start = end
-        x = torch.empty_like(x).index_copy_(0, order, torch.cat(parts))
+        x = out
     return x
 
 

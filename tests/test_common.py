@@ -78,6 +78,10 @@ def _op_cases():
     # use the same arithmetic to agree there.
     for name in ("ShearX", "ShearY"):
         cases.append(pytest.param(name, 0.2, id=f"{name}-0.2-tie"))
+    # A translation whose sample points lie 1e-7 px before a pixel edge: Pillow floors them in floating
+    # point (its scale path), where 16.16 fixed point would round them onto the edge, one pixel further.
+    for name in ("TranslateX", "TranslateY"):
+        cases.append(pytest.param(name, (2.5 - 1e-7) / 32, id=f"{name}-near-edge"))
     return cases
 
 
