@@ -14,8 +14,9 @@ Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch
     --report    only aggregate: every results.json under --out -> <out>/results.md, accuracy_vs_labels.png,
                 curves.png (also done at the end of a grid)
 
-In the report, top-1 is the EMA model's test accuracy: the median of the last 20 evaluations (the papers'
-convention) and the best evaluation, as mean +- std over seeds (sample std, n = number of seeds).
+In the report, top-1 is the EMA model's test accuracy: at the final evaluation, the median of the last 20
+evaluations (the papers' convention) and the best evaluation, as mean +- std over seeds (sample std,
+n = number of seeds).
 Runs whose arguments differ in anything but the seed are never averaged together: they get their own row,
 labelled with the arguments that differ.
 """
@@ -210,7 +211,8 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
     rows = group_runs(finished)
     columns = sorted({n for cells in rows.values() for n in cells})
     lines = [f"# Results under `{out}`", ""]
-    for title, key in [] if not rows else (("Top-1 accuracy (%), median of the last 20 evaluations", "median_last20_top1"),
+    for title, key in [] if not rows else (("Top-1 accuracy (%), final evaluation", "final_top1"),
+                                           ("Top-1 accuracy (%), median of the last 20 evaluations", "median_last20_top1"),
                        ("Top-1 accuracy (%), best evaluation", "best_top1"),
                        ("Top-5 accuracy (%), final evaluation", "final_top5")):
         lines += [f"## {title}", "", "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |",

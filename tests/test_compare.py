@@ -74,7 +74,8 @@ def write_run(root, name, algorithm, n, seed, median, best, top5, finished=True,
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
     if finished:
-        json.dump({"algorithm": algorithm, "median_last20_top1": median, "best_top1": best, "final_top5": top5},
+        json.dump({"algorithm": algorithm, "final_top1": median, "median_last20_top1": median, "best_top1": best,
+                   "final_top5": top5},
                   open(os.path.join(folder, "results.json"), "w"))
 
 
