@@ -193,8 +193,8 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
 # ----------------------------------------------------------------------------------------------------
 # Run folder, checkpoint and resume
 # ----------------------------------------------------------------------------------------------------
-# Flags that do not change what is computed: a rerun may change them and still resume.
-NOT_COMPARED = {"out", "overwrite", "log_every", "compile"}
+# Flags that do not change what is computed, or where it runs: a rerun may change them and still resume.
+NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "data_dir", "device"}
 
 
 def prepare_run_dir(args: argparse.Namespace) -> None:
@@ -245,13 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
-        prepare_run_dir(args)
+        data = load_cifar10(args.data_dir)
+        labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
+        prepare_run_dir(args)  # after the data loaded: a failed start leaves nothing behind
         results_path = os.path.join(args.out, "results.json")
         if os.path.exists(results_path):
             print(f"{args.out} already holds a finished run (results.json); nothing to do")
             return 0
-        data = load_cifar10(args.data_dir)
-        labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -149,6 +149,7 @@ def test_broken_data_exits_2_naming_the_file(name, cifar_dir, tmp_path, capsys):
     assert run_main(name, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data_batch_3" in err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
@@ -163,3 +164,4 @@ def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypa
     assert run_main(name, argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in err and "--data-dir" in err
+    assert not (tmp_path / "run").exists()  # so the corrected command is not refused as "other arguments"
