@@ -164,8 +164,8 @@ def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
 
 def autocontrast_lut(x: torch.Tensor, v=None) -> torch.Tensor:
     """PIL ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255] (identity if constant)."""
-    flat = x.reshape(*x.shape[:2], -1).double()
-    lo, hi = flat.amin(2, keepdim=True), flat.amax(2, keepdim=True)
+    flat = x.reshape(*x.shape[:2], -1)
+    lo, hi = flat.amin(2, keepdim=True).double(), flat.amax(2, keepdim=True).double()
     scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)  # not 255 / t: torch computes that as 255 * (1/t)
     lut = (_identity_lut(x) * scale - lo * scale).trunc().clamp(0, 255)
     return torch.where(hi > lo, lut, _identity_lut(x))
@@ -178,7 +178,7 @@ def equalize_lut(x: torch.Tensor, v=None) -> torch.Tensor:
     pixels below i) // step, identity when step is 0 (Pillow before 10 divided by 256).
     """
     b, c = x.shape[:2]
-    flat = x.reshape(b * c, -1).long()
+    flat = x.reshape(b * c, -1).long()  # a scatter, not torch.bincount: on CUDA, bincount reads its input's max back
     hist = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
     hist = hist.reshape(b, c, 256)
     last = 255 - (hist > 0).flip(2).long().argmax(2, keepdim=True)
