@@ -241,7 +241,7 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0) -> torch.Tensor
     v = (oy + i * fix(e) + j * fix(d)) >> 16  # source row
     # Source pixels outside the image read an extra pixel of value `fill` appended after the last one.
     inside = (u == u.clamp(0, w - 1)) & (v == v.clamp(0, h - 1))
-    src = torch.where(inside, v * w + u, h * w).view(bsz, 1, h * w).expand(bsz, ch, h * w)
+    src = (h * w + inside * (v * w + u - h * w)).view(bsz, 1, h * w).expand(bsz, ch, h * w)
     padded = torch.cat([x.reshape(bsz, ch, h * w), torch.full((bsz, ch, 1), fill, dtype=x.dtype, device=x.device)], 2)
     return padded.gather(2, src).reshape(bsz, ch, h, w)
 
@@ -362,7 +362,8 @@ def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int = 16, 
     cols = torch.arange(w, device=x.device).view(1, 1, w)
     cy, cx = cy.view(-1, 1, 1), cx.view(-1, 1, 1)
     box = ((rows >= cy - size // 2) & (rows < cy + size // 2)) & ((cols >= cx - size // 2) & (cols < cx + size // 2))
-    return x.masked_fill(box.unsqueeze(1), fill)
+    box = box.unsqueeze(1).to(x.dtype)
+    return x * (1 - box) + box * fill  # arithmetic, not where/masked_fill: those are ~15x slower on uint8 on CPU
 
 
 def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -412,7 +413,8 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
         u = torch.rand(b, generator=generator, dtype=torch.float64)
         order = torch.argsort(op, stable=True)  # images grouped by op; the host knows each group's size
         counts = torch.bincount(op, minlength=len(OP_NAMES)).tolist()
-        order, u = _to_device(order, x.device), _to_device(u[order], x.device)
+        back = torch.argsort(order)  # grouped position -> the image's own position
+        order, back, u = (_to_device(t, x.device) for t in (order, back, u[order]))
         grouped, out, start = x[order], torch.empty_like(x), 0
         # Ops of one kind are adjacent in OP_NAMES, so each kind is one block of `grouped`: one lookup,
         # one blend and one warp per round, whatever mix of ops the images drew.
@@ -424,10 +426,9 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
                     args.append(fn(grouped[end:end + n], values[-1]))
                     end += n
             if end > start:
-                block = _apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values))
-                out.index_copy_(0, order[start:end], block)  # back to the images' own positions
+                out[start:end] = _apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values))
             start = end
-        x = out
+        x = out[back]
     return x
 
 
