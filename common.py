@@ -415,7 +415,7 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
         counts = torch.bincount(op, minlength=len(OP_NAMES)).tolist()
         back = torch.argsort(order)  # grouped position -> the image's own position
         order, back, u = (_to_device(t, x.device) for t in (order, back, u[order]))
-        grouped, out, start = x[order], torch.empty_like(x), 0
+        grouped, out, start = x.index_select(0, order), torch.empty_like(x), 0
         # Ops of one kind are adjacent in OP_NAMES, so each kind is one block of `grouped`: one lookup,
         # one blend and one warp per round, whatever mix of ops the images drew.
         for kind in ("lut", "blend", "warp"):
@@ -428,7 +428,7 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
             if end > start:
                 out[start:end] = _apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values))
             start = end
-        x = out[back]
+        x = out.index_select(0, back)
     return x
 
 

@@ -390,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = weak_augment(train_x[idx_l], aug_generator)
-            u = train_x[idx_u]
+            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
+            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_uw, x_us = weak_augment(u, aug_generator), strong_augment(u, aug_generator)
             step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, train_y[idx_u], idx_u, selected_label, args, amp)
             ema_update(ema_model, model, args.ema_decay)

@@ -438,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = weak_augment(train_x[idx_l], aug_generator)
-            u = train_x[idx_u]
+            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
+            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_u = torch.stack([weak_augment(u, aug_generator) for _ in range(args.k)])
             lam, perm = sample_mixup(mixup_rng, (1 + args.k) * args.batch_size, args.alpha, device)
             ramp = linear_rampup(step, args.rampup_steps)

@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = strong_augment(train_x[idx_l], aug_generator)  # labeled images are strongly augmented (Algorithm 1)
-            u = train_x[idx_u]
+            x_l = strong_augment(train_x.index_select(0, idx_l), aug_generator)  # labeled images are strongly augmented (Algorithm 1)
+            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_uw = weak_augment(u, aug_generator)
             x_us = torch.stack([strong_augment(u, aug_generator) for _ in range(args.k_strong)])
             lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l = labeled_batches()
-            x_l = weak_augment(train_x[idx_l], aug_generator)
+            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)  # x[idx] is ~15x slower on CPU
             step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], args, amp)
             ema_update(ema_model, model, args.ema_decay)
             log_stats += step_stats
