@@ -167,7 +167,9 @@ def autocontrast_lut(x: torch.Tensor, v=None) -> torch.Tensor:
     flat = x.reshape(*x.shape[:2], -1)
     lo, hi = flat.amin(2, keepdim=True).double(), flat.amax(2, keepdim=True).double()
     scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)  # not 255 / t: torch computes that as 255 * (1/t)
-    lut = (_identity_lut(x) * scale - lo * scale).trunc().clamp(0, 255)
+    # Pillow truncates toward zero; floor differs only below 0, which the clamp maps to 0 either way (and
+    # floor is vectorised for float64 on CPU, trunc is not: 0.19 ms against 0.01 ms here).
+    lut = (_identity_lut(x) * scale - lo * scale).floor().clamp(0, 255)
     return torch.where(hi > lo, lut, _identity_lut(x))
 
 
