@@ -16,7 +16,6 @@ own and imports only these building blocks.
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters).
 """
 
-import math
 import os
 import pickle
 
