@@ -5,6 +5,7 @@ is not redone, and bad input exits with status 2 and one line."""
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -56,6 +57,7 @@ def test_run_folder(finished_run):
         res = json.load(f)
     assert res["algorithm"] == name and res["evaluations"] == 3 and res["final_top1"] == rows[-1]["test_top1"]
     assert res["best_top1"] == max(r["test_top1"] for r in rows)
+    assert res["median_last20_top1"] == statistics.median(r["test_top1"] for r in rows)  # 3 evaluations: all
     assert len(res["per_class_top1"]) == 10 and res["command"].startswith(f"python {name}.py")
     with open(os.path.join(out, "labeled_indices.json")) as f:
         assert len(json.load(f)) == 20
