@@ -245,23 +245,35 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
 
 
 def plot_accuracy_vs_labels(finished: list[dict], path: str) -> None:
+    """Top-1 against the number of labels, one line per row of the tables, error bars = std over seeds;
+    at the final evaluation and as the median of the last 20 (the same when a run has fewer than 20)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, cells in group_runs(finished).items():
-        ns = sorted(cells)
-        accs = [[100 * r["results"]["median_last20_top1"] for r in cells[n]] for n in ns]
-        ax.errorbar(ns, [statistics.mean(a) for a in accs], yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
-                    marker="o", capsize=3, label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("number of labeled images")
-    ax.set_ylabel("test top-1 (%), median of last 20 evals")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colours = algorithm_colours(finished)
+    for ax, (key, title) in zip(axes, (("final_top1", "final evaluation"), ("median_last20_top1", "median of the last 20 evaluations"))):
+        for label, cells in group_runs(finished).items():
+            ns = sorted(cells)
+            accs = [[100 * r["results"][key] for r in cells[n]] for n in ns]
+            ax.errorbar(ns, [statistics.mean(a) for a in accs], yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+                        marker="o", capsize=3, label=label, color=colours[label.split()[0]])
+        ax.set_xscale("log")
+        ns = sorted({r["args"]["n_labeled"] for r in finished})
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("number of labeled images")
+        ax.set_title(f"EMA test top-1 (%), {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def algorithm_colours(runs: list[dict]) -> dict[str, str]:
+    """One colour per algorithm, the same in every plot."""
+    return {a: f"C{i}" for i, a in enumerate(dict.fromkeys(ALGORITHMS + sorted(r["algorithm"] for r in runs)))}
 
 
 def plot_curves(finished: list[dict], path: str) -> None:
@@ -272,12 +284,16 @@ def plot_curves(finished: list[dict], path: str) -> None:
     panels = [("test_top1", "EMA test top-1"), ("mask_rate", "mask rate (confident fraction)"),
               ("pseudo_acc", "pseudo-label accuracy (all unlabeled)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    # One colour per algorithm and one line style per number of labels, the same in every panel.
+    colours = algorithm_colours(finished)
+    sizes = sorted({r["args"]["n_labeled"] for r in finished}, reverse=True)
     for r in finished:
         label = os.path.basename(r["folder"])
+        style = ["-", "--", ":", "-."][sizes.index(r["args"]["n_labeled"]) % 4]
         for ax, (key, _) in zip(axes, panels):
             points = [(m["step"], m[key]) for m in r["metrics"] if m.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), marker=".", label=label)
+                ax.plot(*zip(*points), marker=".", linestyle=style, color=colours[r["algorithm"]], label=label)
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
