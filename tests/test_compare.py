@@ -26,9 +26,10 @@ def test_expand_grid_names_and_commands():
     names = [r["name"] for r in runs]
     assert len(set(names)) == len(names) and "fixmatch_n250_seed1_batch-size64" in names
     r = next(r for r in runs if r["name"] == "fixmatch_n40_seed0_batch-size32")
-    assert r["cmd"][1:] == ["fixmatch.py", "--n-labeled", "40", "--seed", "0", "--out", os.path.join("runs", r["name"]),
-                            "--batch-size", "32", "--mu", "3"] or r["cmd"][1].endswith("fixmatch.py")
-    assert r["cmd"][-4:] == ["--batch-size", "32", "--mu", "3"] and r["folder"] == os.path.join("runs", r["name"])
+    assert r["cmd"][0] == sys.executable and r["cmd"][1].endswith("fixmatch.py")  # relative to the current folder
+    assert r["cmd"][2:] == ["--n-labeled", "40", "--seed", "0", "--out", os.path.join("runs", r["name"]),
+                            "--batch-size", "32", "--mu", "3"]
+    assert r["folder"] == os.path.join("runs", r["name"])
     s = next(r for r in runs if r["algorithm"] == "supervised")
     assert "--mu" not in s["cmd"]
 
