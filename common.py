@@ -13,6 +13,10 @@ own and imports only these building blocks.
   whole batch: a per-channel lookup table (AutoContrast, Equalize, Posterize, Solarize, Identity), a
   blend with a degenerate image (Brightness, Color, Contrast, Sharpness), or an affine warp (Rotate,
   ShearX/Y, TranslateX/Y). Each op reproduces Pillow's result for the same image and magnitude.
+  The RandAugment variant: both ops are always applied, as in TorchSSL and USB, each with a magnitude drawn
+  uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
+  AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
+  a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters).
 """
 
@@ -407,7 +411,8 @@ def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 4
 
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment with random magnitudes: n_ops ops per image, each drawn uniformly from the 14-op pool
-    (with replacement, independently for every image) with a value drawn uniformly from its range."""
+    (with replacement, independently for every image) with a value drawn uniformly from its range. Every
+    drawn op is applied (TorchSSL, USB), not with probability 0.5 as in google-research/fixmatch."""
     b = x.shape[0]
     for _ in range(n_ops):
         op = torch.randint(0, len(OP_NAMES), (b,), generator=generator)

@@ -10,7 +10,7 @@ error, and two extra losses on the first strong view stabilise training: its un-
 the guess, and predicting its rotation (Sections 3.1-3.3, Algorithm 1).
 
     q_b    = Sharpen(Normalize(p(y | weak(u_b)) * p(y) / p~(y)), T)
-    X^     = (strong(x_b), onehot(y_b)),   U^ = ((weak(u_b), q_b), (strong_k(u_b), q_b) for k = 1..K)
+    X^     = (weak(x_b), onehot(y_b)),     U^ = ((weak(u_b), q_b), (strong_k(u_b), q_b) for k = 1..K)
     X', U' = MixUp(X^_i, W_i),  MixUp(U^_i, W_(i+|X^|)),   W = Shuffle(Concat(X^, U^)),  as in MixMatch
     L   = L_x + ramp(step) * (lambda_u * L_u + lambda_u1 * L_u1) + lambda_rot * L_rot
     L_x   = 1/|X'|  sum_{(x, p) in X'}  H(p, p(y | x))
@@ -39,8 +39,14 @@ What differs from the paper:
   labeled batches' labels, which converges to the same distribution.
 - The rotations are assigned by position (0, 90, 180, 270 degrees in turn), as the reference does, not
   drawn at random: the unlabeled batch is in random order, so each image still gets a random rotation.
-As in the reference, the labeled images are strongly augmented (Algorithm 1) and the weak view of every
-unlabeled image joins the K strong views in U^ (remixmatch_no_cta.py mixes all K + 1 views).
+- The labeled images are weakly augmented by default (--labeled-aug weak), as in every RandAugment-based
+  implementation (google-research/fixmatch's remixmatch_no_cta.py, TorchSSL, USB). The paper's Algorithm 1
+  augments them strongly, but with CTAugment, whose magnitudes are tuned on labeled probes so that labeled
+  images stay recognisable; RandAugment at random magnitudes with Cutout has no such feedback, and with it
+  the labeled loss stays high and most of the pass that sets BatchNorm's statistics is strongly augmented.
+  --labeled-aug strong is Algorithm 1 with RandAugment (the README's ablation compares the two).
+As in the reference, the weak view of every unlabeled image joins the K strong views in U^
+(remixmatch_no_cta.py mixes all K + 1 views).
 
     python remixmatch.py --n-labeled 4000                      # the paper's setting on a CUDA GPU
     python remixmatch.py --n-labeled 250 --device cpu --depth 10 --widen-factor 1 --k-strong 2 --epochs 2 --steps-per-epoch 20
@@ -81,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda-u1", type=float, default=0.5, help="weight of the pre-mixup loss on the first strong view once ramped up")
     p.add_argument("--lambda-rot", type=float, default=0.5, help="weight of the rotation loss (not ramped)")
     p.add_argument("--rampup-steps", type=int, default=16384, help="lambda_u and lambda_u1 ramp up linearly from 0 over this many steps")
+    p.add_argument("--labeled-aug", choices=["weak", "strong"], default="weak",
+                   help="augmentation of the labeled batch: weak (flip + shift, as every RandAugment-based reference) or "
+                   "strong (RandAugment + Cutout, the paper's Algorithm 1, which used CTAugment)")
     p.add_argument("--da-batches", type=int, default=128, help="distribution alignment: p~(y) averages the predictions of this many recent batches")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts (Nesterov, cosine lr decay); "
                    "adam: the paper's (constant lr, weight decay w <- w (1 - wd lr) every step)")
@@ -95,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
     p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/mixmatch_n<n-labeled>_seed<seed>)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/remixmatch_n<n-labeled>_seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
@@ -518,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = strong_augment(train_x.index_select(0, idx_l), aug_generator)  # labeled images are strongly augmented (Algorithm 1)
+            # Weak by default, as in every RandAugment-based reference (see the docstring); strong is Algorithm 1.
+            augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
+            x_l = augment_labeled(train_x.index_select(0, idx_l), aug_generator)
             u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_uw = weak_augment(u, aug_generator)
             x_us = torch.stack([strong_augment(u, aug_generator) for _ in range(args.k_strong)])

@@ -63,6 +63,44 @@ def test_run_folder(finished_run):
         assert len(json.load(f)) == 20
 
 
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+# Runs besides the fixture's default ones whose metrics are held too: (script, extra flags, golden file stem).
+GOLDEN_VARIANTS = [("remixmatch", ["--labeled-aug", "strong"], "remixmatch_labeled-aug-strong")]
+
+
+def flatten(row: dict) -> dict:
+    """{"a": [1, 2]} -> {"a.0": 1, "a.1": 2}, so that pytest.approx can compare list-valued metrics too."""
+    flat = {}
+    for k, v in row.items():
+        for i, x in enumerate(v) if isinstance(v, list) else [(None, v)]:
+            flat[k if i is None else f"{k}.{i}"] = x
+    return flat
+
+
+def assert_golden(out: str, stem: str) -> None:
+    """The run's metrics.jsonl (timing aside) equals tests/golden/<stem>.jsonl to float tolerance."""
+    with open(os.path.join(GOLDEN, f"{stem}.jsonl")) as f:
+        golden = [json.loads(line) for line in f]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [g["step"] for g in golden]
+    for row, gold in zip(rows, golden):
+        assert flatten(row) == pytest.approx(flatten(gold), rel=1e-5, abs=1e-6), row["step"]
+
+
+def test_tiny_run_reproduces_golden_metrics(finished_run):
+    """The held metrics of a tiny fixed-seed run: a change that is not meant to move numbers must keep them.
+    A change that is meant to (a new default) regenerates them with `python tests/test_scripts.py`."""
+    name, _, out = finished_run
+    assert_golden(out, name)
+
+
+@pytest.mark.parametrize("name,extra,stem", GOLDEN_VARIANTS)
+def test_tiny_run_variants_reproduce_golden_metrics(name, extra, stem, cifar_dir, tmp_path):
+    out = str(tmp_path / "run")
+    assert run_main(name, TINY + SCRIPTS[name] + extra + ["--data-dir", cifar_dir, "--out", out]) == 0
+    assert_golden(out, stem)
+
+
 def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
     """Ctrl-C right after the first checkpoint, then the same command again: identical metrics.jsonl."""
     name, argv, out = finished_run
@@ -167,3 +205,21 @@ def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in err and "--data-dir" in err
     assert not (tmp_path / "run").exists()  # so the corrected command is not refused as "other arguments"
+
+
+if __name__ == "__main__":
+    # Regenerate tests/golden/ from the code as it is now, on the same synthetic data as the tests.
+    import tempfile
+
+    from conftest import write_cifar
+
+    os.chdir(ROOT)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_cifar(os.path.join(tmp, "data"))
+        jobs = [(name, [], name) for name in SCRIPTS] + GOLDEN_VARIANTS
+        for name, extra, stem in jobs:
+            out = os.path.join(tmp, stem)
+            assert run_main(name, TINY + SCRIPTS[name] + extra + ["--data-dir", data, "--out", out]) == 0
+            with open(os.path.join(GOLDEN, f"{stem}.jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in metrics(out))
+            print(f"wrote {os.path.join(GOLDEN, stem + '.jsonl')}")
