@@ -22,6 +22,7 @@ own and imports only these building blocks.
 
 import os
 import pickle
+import shutil
 
 import torch
 import torch.nn as nn
@@ -66,10 +67,13 @@ def load_cifar10(data_dir: str, download: bool = True) -> dict[str, torch.Tensor
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     missing = [f for f in TRAIN_FILES + TEST_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing and download:
+        created = not os.path.exists(data_dir)
         try:
             from torchvision.datasets import CIFAR10
             CIFAR10(root=data_dir, train=True, download=True)
         except Exception as e:
+            if created:  # leave no empty or half-downloaded folder behind: it would look like a data set
+                shutil.rmtree(data_dir, ignore_errors=True)
             raise DataError(f"CIFAR-10 not found in {folder} and the download failed ({type(e).__name__}); "
                             "pass --data-dir pointing at a folder that holds cifar-10-batches-py/") from None
         missing = [f for f in TRAIN_FILES + TEST_FILES if not os.path.isfile(os.path.join(folder, f))]

@@ -35,7 +35,7 @@ import threading
 ALGORITHMS = ["supervised", "mixmatch", "remixmatch", "fixmatch", "flexmatch"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Arguments that do not change a run's result, or that define the grid's axes (not its rows).
-NOT_A_SETTING = {"out", "overwrite", "log_every", "compile", "data_dir", "device", "seed", "n_labeled"}
+NOT_A_SETTING = {"algorithm", "out", "overwrite", "log_every", "compile", "data_dir", "device", "seed", "n_labeled"}
 
 
 class UsageError(Exception):
@@ -54,7 +54,9 @@ def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
             raise UsageError(f"--sweep takes FLAG=V1,V2,... (e.g. batch-size=32,64), got {spec!r}")
         if m[1] in ("n-labeled", "seed", "out"):
             raise UsageError(f"--sweep {m[1]}: use --n-labeled / --seeds for the grid's own axes")
-        sweep[m[1]] = m[2].split(",")
+        if m[1] in sweep:  # a second --sweep of one flag would silently replace the first
+            raise UsageError(f"--sweep {m[1]} is given twice; list all its values once: {m[1]}=V1,V2,...")
+        sweep[m[1]] = list(dict.fromkeys(m[2].split(",")))
     return sweep
 
 
@@ -64,8 +66,10 @@ def run_name(algorithm: str, n_labeled: int, seed: int, swept: dict[str, str]) -
 
 def expand_grid(algorithms: list[str], n_labeled: list[int], seeds: list[int], sweep: dict[str, list[str]],
                 extra: dict[str, list[str]], out: str) -> list[dict]:
-    """One dict per run: name, folder and the command that runs (or resumes) it."""
+    """One dict per run: name, folder and the command that runs (or resumes) it. A grid point given twice
+    (--seeds 0 0) is one run: two processes must never train in the same folder."""
     runs = []
+    algorithms, n_labeled, seeds = (list(dict.fromkeys(axis)) for axis in (algorithms, n_labeled, seeds))
     for algorithm, n, seed, values in itertools.product(algorithms, n_labeled, seeds, itertools.product(*sweep.values())):
         swept = dict(zip(sweep, values))
         name = run_name(algorithm, n, seed, swept)
@@ -99,6 +103,10 @@ def route_extra(algorithms: list[str], extra: list[str], sweep: dict[str, list[s
             raise UsageError(f"{flag} is set by compare.py itself (use --n-labeled / --seeds / --out)")
         if not any(flag in accepted[a] for a in algorithms):
             raise UsageError(f"no selected script accepts {flag}")
+    given = [g[0].split("=")[0] for g in groups]
+    for k in sweep:  # the flag after -- would win over the swept value in a folder named after the latter
+        if f"--{k}" in given or f"--no-{k}" in given:
+            raise UsageError(f"--{k} is both swept (--sweep {k}=...) and given after --; give it once")
     for k in sweep:
         missing = [a for a in algorithms if f"--{k}" not in accepted[a]]
         if missing:
@@ -107,7 +115,8 @@ def route_extra(algorithms: list[str], extra: list[str], sweep: dict[str, list[s
 
 
 def is_finished(run: dict) -> bool:
-    return os.path.exists(os.path.join(run["folder"], "results.json"))
+    """Finished, or diverged (rerunning would diverge again): either way not run again."""
+    return any(os.path.exists(os.path.join(run["folder"], f)) for f in ("results.json", "diverged.json"))
 
 
 def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
@@ -132,7 +141,8 @@ def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
             with lock:
                 if rc != 0:
                     failed.append(run)
-                print(f"{'done' if rc == 0 else f'FAILED (exit {rc})'} {run['name']}"
+                status = {0: "done", 3: "DIVERGED (exit 3)"}.get(rc, f"FAILED (exit {rc})")
+                print(f"{status} {run['name']}"
                       f"{'' if rc == 0 else f'; see {log}'}", flush=True)
 
     threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus or [None])]
@@ -157,8 +167,21 @@ def slurm_script(runs: list[dict], out: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------------
+def read_jsonl(path: str) -> list[dict]:
+    """The complete lines of a metrics.jsonl (a half-written last line, from a crash, is skipped)."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def load_runs(out: str) -> tuple[list[dict], list[dict]]:
-    """(finished runs, unfinished runs) under `out`: every folder with an args.json."""
+    """(finished runs, unfinished runs) under `out`: every folder with an args.json. An unfinished run that
+    stopped on a non-finite loss carries run["diverged"] (its diverged.json)."""
     finished, unfinished = [], []
     for dirpath, _, files in sorted(os.walk(out)):
         if "args.json" not in files:
@@ -168,8 +191,7 @@ def load_runs(out: str) -> tuple[list[dict], list[dict]]:
         metrics_path = os.path.join(dirpath, "metrics.jsonl")
         metrics = []
         if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                metrics = [json.loads(line) for line in f if line.strip()]
+            metrics = read_jsonl(metrics_path)
         run = {"folder": dirpath, "args": args, "metrics": metrics}
         if "results.json" in files:
             with open(os.path.join(dirpath, "results.json")) as f:
@@ -177,7 +199,10 @@ def load_runs(out: str) -> tuple[list[dict], list[dict]]:
             run["algorithm"] = run["results"]["algorithm"]
             finished.append(run)
         else:
-            run["algorithm"] = os.path.basename(dirpath).split("_")[0]
+            run["algorithm"] = args.get("algorithm", os.path.basename(dirpath).split("_")[0])
+            if "diverged.json" in files:
+                with open(os.path.join(dirpath, "diverged.json")) as f:
+                    run["diverged"] = json.load(f)
             unfinished.append(run)
     return finished, unfinished
 
@@ -207,8 +232,18 @@ def group_runs(runs: list[dict]) -> dict[str, dict[int, list[dict]]]:
     return rows
 
 
+def cell(runs: list[dict], key: str) -> str:
+    """Mean +- std of the finished runs of a cell; diverged runs are counted beside it, never averaged in."""
+    values = [r["results"][key] for r in runs if "results" in r]
+    diverged = sum("diverged" in r for r in runs)
+    text = mean_std(values) if values else ""
+    return (text + f" + {diverged} diverged" if text else f"{diverged} diverged") if diverged else text
+
+
 def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> str:
-    rows = group_runs(finished)
+    diverged = [r for r in unfinished if "diverged" in r]
+    unfinished = [r for r in unfinished if "diverged" not in r]
+    rows = group_runs(finished + diverged)
     columns = sorted({n for cells in rows.values() for n in cells})
     lines = [f"# Results under `{out}`", ""]
     for title, key in [] if not rows else (("Top-1 accuracy (%), final evaluation", "final_top1"),
@@ -219,7 +254,7 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
                   "|---|" + "---|" * len(columns)]
         for label, cells in rows.items():
             lines.append(f"| {label} | " + " | ".join(
-                mean_std([r["results"][key] for r in cells[n]]) if n in cells else "" for n in columns) + " |")
+                cell(cells[n], key) if n in cells else "" for n in columns) + " |")
         lines.append("")
     if rows:
         lines += ["Cells: mean ± sample std over seeds (number of seeds). EMA model, full test set.", ""]
@@ -232,6 +267,13 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
     if any(" " in label for label in rows):
         lines += ["Rows with `flag=value` in their name are runs of one algorithm whose arguments differ;"
                   " they are reported apart, never averaged together.", ""]
+    if diverged:
+        lines += ["## Diverged runs (stopped on a non-finite loss; counted in their cells, never averaged)", ""]
+        for r in diverged:
+            d = r["diverged"]
+            lines.append(f"- `{r['folder']}`: loss {d['loss']} at step {d['step']} (last checkpoint: step "
+                         f"{d['checkpoint_step']})")
+        lines.append("")
     if unfinished:
         lines += ["## Unfinished runs", ""]
         for r in unfinished:
@@ -305,9 +347,9 @@ def plot_curves(finished: list[dict], path: str) -> None:
 
 
 def report(out: str) -> str | None:
+    """Write and print the report of every run under `out`; None when there is none."""
     finished, unfinished = load_runs(out)
     if not finished and not unfinished:
-        print(f"no runs under {out}")
         return None
     text = markdown_report(finished, unfinished, out)
     with open(os.path.join(out, "results.md"), "w") as f:
@@ -349,7 +391,10 @@ def visible_gpus() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     if args.report:
-        report(args.out)
+        if report(args.out) is None:
+            print(f"error: no runs under {args.out} (no folder holding an args.json); pass the grid's --out",
+                  file=sys.stderr)
+            return 2
         return 0
     try:
         unknown = [a for a in args.algorithms if a not in ALGORITHMS]
@@ -384,4 +429,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `compare.py --dry-run | head`: the reader is gone, so say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -16,12 +16,17 @@ lr * cos(7 pi k / (16 K)), weight decay 5e-4, K = 2^20 steps, WRN-28-2, evaluati
 """
 
 import argparse
+import contextlib
 import copy
+import fcntl
+import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -50,13 +55,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
     p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation and the batches")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/supervised_n<n-labeled>_seed<seed>)")
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help="run folder (default: runs/supervised_n<n-labeled>_seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
+    args.out = getattr(args, "out", None) or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
     return args
 
 
@@ -76,8 +82,12 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise DataError(message)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,68 +163,179 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
 # ----------------------------------------------------------------------------------------------------
 # Flags that do not change what is computed, or where it runs: a rerun may change them and still resume.
 NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "data_dir", "device"}
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130  # exit statuses besides 0 (see the README)
+PROGRESS_SECONDS = 30  # a progress line at least this often, whatever --log-every says
 
 
-def prepare_run_dir(args: argparse.Namespace) -> None:
-    """Create --out, or check that the run in it was started with the same arguments."""
+def check_run_dir(args: argparse.Namespace) -> dict | None:
+    """Before the data loads and before anything is written: refuse an --out that cannot be written, that
+    holds another run, or whose checkpoint cannot be read (DataError, one line). Returns the checkpoint
+    to resume from (on the CPU), or None to start at step 0."""
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):  # the folder itself, or the nearest parent that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(f"cannot use --out {args.out}: {existing} is a file, not a folder")
+    try:  # a probe file: catches read-only file systems, missing permissions and full disks alike
+        with tempfile.TemporaryFile(dir=existing) as f:
+            f.write(b"probe")
+            f.flush()
+    except OSError as e:
+        raise DataError(f"cannot write to --out {args.out}: {e.strerror or e}") from None
     path = os.path.join(args.out, "args.json")
     if os.path.exists(path) and not args.overwrite:
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path} is not readable ({e}); pass another --out, or --overwrite to start over") from None
+        if old.get("algorithm", ALGORITHM) != ALGORITHM:
+            raise DataError(f"{args.out} holds a {old['algorithm']} run, not a {ALGORITHM} one; "
+                            "pass another --out, or --overwrite to replace it")
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
-                if k not in NOT_COMPARED and old.get(k) != new.get(k)]
+                if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]
         if diff:
             raise DataError(f"{args.out} holds a run with other arguments ({'; '.join(diff)}); "
                             "pass another --out, or --overwrite to start that run over")
-    if args.overwrite:
-        for name in ("checkpoint.pt", "metrics.jsonl", "results.json"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if args.overwrite or not os.path.exists(ckpt_path):
+        return None
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, empty or garbled: torch raises many kinds of errors
+        raise DataError(f"{ckpt_path} is not a readable checkpoint ({type(e).__name__}); delete it to restart "
+                        "the run from step 0, or pass --overwrite to start the whole run over") from None
+
+
+def prepare_run_dir(args: argparse.Namespace, labeled: torch.Tensor, lock: contextlib.ExitStack) -> None:
+    """Create --out and lock it for this process (a second process on the same folder exits with one line),
+    then write args.json and the labeled indices. --overwrite removes the previous run's files."""
     os.makedirs(args.out, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(vars(args), f, indent=1)
+    fd = os.open(args.out, os.O_RDONLY)  # an advisory lock on the folder itself, released when the process ends
+    lock.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DataError(f"another process is training in {args.out}; wait for it to finish, "
+                        "or pass another --out") from None
+    stale = ("checkpoint.pt", "metrics.jsonl", "results.json", "diverged.json") if args.overwrite else ("diverged.json",)
+    for name in stale:
+        if os.path.exists(os.path.join(args.out, name)):
+            os.remove(os.path.join(args.out, name))
+    write_json(os.path.join(args.out, "args.json"), {"algorithm": ALGORITHM, **vars(args)})
+    write_json(os.path.join(args.out, "labeled_indices.json"), labeled.tolist())
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def strict(value):
+    """NaN and infinities -> None, in nested lists and dicts: files stay strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    return [strict(v) for v in value] if isinstance(value, list) else value
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write a file so that a crash or a full disk leaves the previous version intact (and no .tmp file)."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)
+    except BaseException as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = path  # "no space left on device" says nothing without the file's name
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    write_atomic(path, json.dumps(strict(obj), indent=1, allow_nan=False).encode())
+
+
+def write_metrics(path: str, rows: list[dict]) -> None:
+    """metrics.jsonl: one strict-JSON line per evaluation, rewritten whole and atomically."""
+    write_atomic(path, "".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in rows).encode())
 
 
 def read_metrics(path: str, up_to_step: int) -> list[dict]:
-    """metrics.jsonl lines up to the checkpoint's step (later ones were written after the last checkpoint)."""
+    """The rows of metrics.jsonl that the checkpoint of `up_to_step` stands behind: later rows (written after
+    the last checkpoint) and a half-written line (a crash or a full disk during the write) are dropped."""
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["step"] <= up_to_step]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return [r for r in rows if isinstance(r, dict) and r.get("step", math.inf) <= up_to_step]
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Serialise in memory, then write atomically: a crash mid-write leaves the previous checkpoint intact, and
+    a full disk raises an OSError that names the file rather than an error from torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def format_time(seconds: float) -> str:
-    h, m = divmod(int(seconds) // 60, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{int(seconds) % 60:02d}s"
+    d, rest = divmod(int(seconds), 86400)
+    h, m = divmod(rest // 60, 60)
+    return f"{d}d{h:02d}h" if d else f"{h}h{m:02d}m" if h else f"{m}m{int(seconds) % 60:02d}s"
+
+
+def warn_if_slow(args: argparse.Namespace, model: torch.nn.Module, device: torch.device, total_steps: int) -> None:
+    """The command people type first trains WRN-28-2 for 2^20 steps: on a CPU that takes months. Say so."""
+    if device.type == "cpu" and total_steps > 10_000 and sum(p.numel() for p in model.parameters()) > 1_000_000:
+        print(f"warning: {total_steps} steps of WRN-{args.depth}-{args.widen_factor} on the CPU take months (the ETA "
+              "follows after 3 steps); for a CPU-sized run use the README's reduced CPU protocol: --depth 10 "
+              "--widen-factor 1 --batch-size 32 --epochs 5 --steps-per-epoch 1000 --eval-every 1000", file=sys.stderr)
+
+
+def stop_diverged(out: str, step: int, loss: float, ckpt_step: int | None) -> int:
+    """A non-finite loss: say where, keep the last good checkpoint, leave diverged.json (compare.py reads it)."""
+    kept = f"the checkpoint of step {ckpt_step} is kept" if ckpt_step is not None else "no checkpoint was written yet"
+    write_json(os.path.join(out, "diverged.json"), {"step": step, "loss": str(loss), "checkpoint_step": ckpt_step})
+    print(f"error: the training loss is {loss} at step {step}: the run diverged ({kept}; try a smaller --lr)",
+          file=sys.stderr)
+    return EXIT_DIVERGED
+
+
+def stop_interrupted(step: int, ckpt_path: str) -> int:
+    """Ctrl-C: say from which step a rerun resumes, read from the checkpoint on disk (the interrupt may have come
+    between writing it and returning)."""
+    try:
+        ckpt_step = torch.load(ckpt_path, map_location="cpu", weights_only=True)["step"]
+    except Exception:  # no checkpoint yet
+        ckpt_step = None
+    if ckpt_step is None:
+        print(f"\ninterrupted at step {step}, before the first checkpoint: rerunning the command starts over",
+              file=sys.stderr)
+    else:
+        print(f"\ninterrupted at step {step}; rerun the same command to resume from the checkpoint of step "
+              f"{ckpt_step}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 # ----------------------------------------------------------------------------------------------------
 # Main loop
 # ----------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        check_args(args)
-        data = load_cifar10(args.data_dir)
-        labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
-        prepare_run_dir(args)  # after the data loaded: a failed start leaves nothing behind
-        results_path = os.path.join(args.out, "results.json")
-        if os.path.exists(results_path):
-            print(f"{args.out} already holds a finished run (results.json); nothing to do")
-            return 0
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with open(os.path.join(args.out, "labeled_indices.json"), "w") as f:
-        json.dump(labeled.tolist(), f)
+def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
+    check_args(args)
+    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        print(f"{args.out} already holds a finished run (results.json); nothing to do")
+        return 0
+    data = load_cifar10(args.data_dir)
+    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
+    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
 
     device = torch.device(args.device)
     amp = args.amp and device.type == "cuda"
@@ -232,20 +353,20 @@ def main(argv: list[str] | None = None) -> int:
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
 
     total_steps = args.epochs * args.steps_per_epoch
-    step, elapsed, metrics = 0, 0.0, []
+    warn_if_slow(args, model, device, total_steps)
+    step, elapsed, ckpt_step = 0, 0.0, None
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    if os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         ema_model.load_state_dict(ckpt["ema_model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         labeled_batches.load_state_dict(ckpt["labeled_batches"])
         aug_generator.set_state(ckpt["aug_generator"])
-        step, elapsed = ckpt["step"], ckpt["elapsed"]
-        metrics = read_metrics(metrics_path, step)
-        with open(metrics_path, "w") as f:  # drop lines written after the checkpoint
-            f.writelines(json.dumps(m) + "\n" for m in metrics)
+        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
         print(f"resuming {args.out} from step {step}")
+    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
+    metrics = read_metrics(metrics_path, step)
+    write_metrics(metrics_path, metrics)
 
     images_per_step = args.batch_size  # images through the network per step
     print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
@@ -254,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # evaluation; metrics.jsonl gets the latter (per-epoch means with the default flags).
     log_stats, eval_stats = torch.zeros(len(STATS), device=device), torch.zeros(len(STATS), device=device)
     log_steps = eval_steps = 0
-    t_start, step_start = time.perf_counter(), step
+    t_start, step_start, first_line = time.perf_counter(), step, step + 3
     t_log = t_eval = t_start
     result = None
     try:
@@ -270,9 +391,14 @@ def main(argv: list[str] | None = None) -> int:
             eval_stats += step_stats
             step, log_steps, eval_steps = step + 1, log_steps + 1, eval_steps + 1
 
-            if step % args.log_every == 0 or step % args.eval_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
+            # steps of a (re)start, so that the ETA is known at once.
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
+                    or now - t_log >= PROGRESS_SECONDS):
                 mean = summarize(log_stats, log_steps)  # the only host sync between evaluations
-                now = time.perf_counter()
+                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
+                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
                 eta = (now - t_start) / (step - step_start) * (total_steps - step)
                 print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} | lr {lr:.4f} "
                       f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
@@ -286,20 +412,19 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed += time.perf_counter() - t_start
                 row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
                 metrics.append(row)
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                write_metrics(metrics_path, metrics)
                 print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                       f"loss {result['loss']:.3f}", flush=True)
                 save_checkpoint(ckpt_path, {
                     "step": step, "elapsed": elapsed, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
                     "optimizer": optimizer.state_dict(), "labeled_batches": labeled_batches.state_dict(),
                     "aug_generator": aug_generator.get_state()})
+                ckpt_step = step
                 eval_stats.zero_()
                 eval_steps, step_start = 0, step
                 t_start = t_log = t_eval = time.perf_counter()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+        return stop_interrupted(step, ckpt_path)
 
     if result is None:  # resumed from the final checkpoint: results.json was not written yet
         result = evaluate(ema_model, test_x, test_y, amp)
@@ -313,11 +438,24 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }
-    with open(results_path, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(results_path, results)
     print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
           f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
+    130 interrupted."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as lock:
+        try:
+            return train(args, argv, lock)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
+            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ def test_run_grid_skips_finished_runs_and_survives_failures(tmp_path, capsys):
     os.makedirs(finished["folder"])
     open(os.path.join(finished["folder"], "results.json"), "w").write("{}")
     ok = fake("ok", f"open({str(tmp_path / 'ok.ran')!r}, 'w').write('1')")
-    bad = fake("bad", "raise SystemExit(3)")
-    failed = compare.run_grid([finished, bad, ok], gpus=[])
-    assert failed == [bad]
+    bad = fake("bad", "raise SystemExit(4)")
+    diverged = fake("diverged", "raise SystemExit(3)")  # the scripts' status for a non-finite loss
+    failed = compare.run_grid([finished, bad, ok, diverged], gpus=[])
+    assert failed == [bad, diverged]
     assert (tmp_path / "ok.ran").exists()  # the failure did not stop the next run
     out = capsys.readouterr().out
-    assert "3 runs, 1 finished, 2 to run" in out and f"FAILED (exit 3) bad; see {bad['folder']}.log" in out
+    assert "4 runs, 1 finished, 3 to run" in out and f"FAILED (exit 4) bad; see {bad['folder']}.log" in out
+    assert f"DIVERGED (exit 3) diverged; see {diverged['folder']}.log" in out
     assert "start done" not in out
 
 
@@ -126,11 +128,56 @@ def test_slurm_script(tmp_path):
     (["--sweep", "batch-size"], "--sweep takes FLAG=V1,V2"),
     (["--n-labeled", "5"], "--n-labeled must be between 10 and 50000"),
     (["--", "--bogus"], "no selected script accepts --bogus"),
+    (["--sweep", "lr=0.1", "--", "--lr", "0.5"], "--lr is both swept (--sweep lr=...) and given after --"),
+    (["--sweep", "batch-size=32", "batch-size=64"], "--sweep batch-size is given twice"),
 ])
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
     assert compare.main(argv + ["--out", str(tmp_path)] if "--" not in argv else ["--out", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_duplicate_grid_points_are_run_once():
+    runs = compare.expand_grid(["fixmatch", "fixmatch"], [40, 40], [0, 0, 1], compare.parse_sweep(["mu=3,3"]),
+                               {"fixmatch": []}, "runs")
+    assert [r["name"] for r in runs] == ["fixmatch_n40_seed0_mu3", "fixmatch_n40_seed1_mu3"]
+
+
+@pytest.mark.parametrize("make", [False, True])
+def test_report_on_a_missing_or_empty_folder_exits_2(make, tmp_path, capsys):
+    out = tmp_path / "runs"
+    if make:
+        out.mkdir()
+    assert compare.main(["--report", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"no runs under {out}" in err
+
+
+def test_dry_run_into_a_closed_pipe_is_quiet(tmp_path):
+    """`compare.py --dry-run ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    cmd = [sys.executable, os.path.join(ROOT, "compare.py"), "--algorithms", "supervised", "fixmatch", "--n-labeled",
+           *map(str, range(10, 4000, 7)), "--out", str(tmp_path), "--dry-run"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    proc.wait()
+    assert proc.stderr.read() == b""
+
+
+def test_diverged_runs_are_reported_and_never_averaged(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "fixmatch_n40_seed0", "fixmatch", 40, 0, 0.80, 0.82, 0.99)
+    write_run(root, "fixmatch_n40_seed1", "fixmatch", 40, 1, 0.84, 0.86, 0.97)
+    write_run(root, "fixmatch_n40_seed2", "fixmatch", 40, 2, 0.10, 0.10, 0.5, finished=False)
+    with open(os.path.join(root, "fixmatch_n40_seed2", "diverged.json"), "w") as f:
+        json.dump({"step": 6, "loss": "nan", "checkpoint_step": 4}, f)
+    text = compare.report(root)
+    assert "| fixmatch | 82.00 ± 2.83 (2) + 1 diverged |" in text
+    assert "fixmatch_n40_seed2`: loss nan at step 6 (last checkpoint: step 4)" in text
+    assert "## Unfinished runs" not in text
+    run = {"folder": os.path.join(root, "fixmatch_n40_seed2")}
+    assert compare.is_finished(run)  # a grid does not rerun it: it would diverge again
 
 
 def test_tiny_real_grid(cifar_dir, tmp_path):

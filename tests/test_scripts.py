@@ -196,7 +196,8 @@ def test_broken_data_exits_2_naming_the_file(name, cifar_dir, tmp_path, capsys):
 def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypatch, capsys):
     import torchvision.datasets
 
-    def offline(*args, **kwargs):
+    def offline(root, *args, **kwargs):
+        os.makedirs(root, exist_ok=True)  # as torchvision does before it downloads
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)  # never download in a test
@@ -205,6 +206,7 @@ def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in err and "--data-dir" in err
     assert not (tmp_path / "run").exists()  # so the corrected command is not refused as "other arguments"
+    assert not (tmp_path / "nowhere").exists()  # no empty folder that looks like a data set
 
 
 if __name__ == "__main__":
