@@ -12,7 +12,8 @@ Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch
     --dry-run   print the commands and stop
     --slurm     write <out>/grid.sbatch, a SLURM array job with one task per run (same commands, resumable)
     --report    only aggregate: every results.json under --out -> <out>/results.md, accuracy_vs_labels.png,
-                curves.png (also done at the end of a grid)
+                curves.png, and <run folder>/metrics.md, each run's table of epoch, train loss, test top-1 and
+                top-5 (also done at the end of a grid)
 
 In the report, top-1 is the EMA model's test accuracy: at the final evaluation, the median of the last 20
 evaluations (the papers' convention) and the best evaluation, as mean +- std over seeds (sample std,
@@ -286,6 +287,17 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
     return "\n".join(lines)
 
 
+def run_table(run: dict) -> str:
+    """One run's evaluations as a Markdown table: epoch, mean train loss since the previous evaluation, and the
+    EMA model's test top-1 and top-5 (the format people paste into write-ups)."""
+    lines = [f"# `{run['folder']}`", "", "| epoch | step | train loss | test top-1 (%) | test top-5 (%) |",
+             "|---|---|---|---|---|"]
+    for m in run["metrics"]:
+        loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), float) else "–"
+        lines.append(f"| {m['epoch']:g} | {m['step']} | {loss} | {100 * m['test_top1']:.2f} | {100 * m['test_top5']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy_vs_labels(finished: list[dict], path: str) -> None:
     """Top-1 against the number of labels, one line per row of the tables, error bars = std over seeds;
     at the final evaluation and as the median of the last 20 (the same when a run has fewer than 20)."""
@@ -354,6 +366,9 @@ def report(out: str) -> str | None:
     text = markdown_report(finished, unfinished, out)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
+    for run in finished + unfinished:  # each run's per-evaluation table beside its metrics.jsonl
+        with open(os.path.join(run["folder"], "metrics.md"), "w") as f:
+            f.write(run_table(run))
     if finished:
         plot_accuracy_vs_labels(finished, os.path.join(out, "accuracy_vs_labels.png"))
         plot_curves(finished, os.path.join(out, "curves.png"))

@@ -73,7 +73,8 @@ def write_run(root, name, algorithm, n, seed, median, best, top5, finished=True,
     os.makedirs(folder)
     full_args = {"n_labeled": n, "seed": seed, "out": folder, "lr": 0.03, "epochs": 1, "steps_per_epoch": 10, **args}
     json.dump(full_args, open(os.path.join(folder, "args.json"), "w"))
-    metrics = [{"step": 10, "test_top1": median, "mask_rate": 0.5, "pseudo_acc": 0.9}]
+    metrics = [{"step": 10, "epoch": 1.0, "loss": 0.5, "test_top1": median, "test_top5": top5, "mask_rate": 0.5,
+                "pseudo_acc": 0.9}]
     with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
     if finished:
@@ -101,6 +102,10 @@ def test_report_aggregates_seeds_and_keeps_different_settings_apart(tmp_path):
     assert "supervised_n250_seed0`: step 10/10, last EMA top-1 30.00%" in text and "## Unfinished runs" in text
     for name in ("results.md", "accuracy_vs_labels.png", "curves.png"):
         assert os.path.getsize(os.path.join(root, name)) > 0
+    with open(os.path.join(root, "fixmatch_n40_seed1", "metrics.md")) as f:
+        table = f.read().splitlines()
+    assert table[2] == "| epoch | step | train loss | test top-1 (%) | test top-5 (%) |"
+    assert table[4] == "| 1 | 10 | 0.5000 | 84.00 | 97.00 |"
 
 
 def test_dry_run_prints_commands_and_marks_finished(tmp_path, capsys):
