@@ -1,0 +1,44 @@
+"""The training-loop skeleton is repeated on purpose in every script (each file reads and copies alone); these
+tests keep the copies from drifting apart, and keep each script's texts about itself."""
+
+import importlib
+import inspect
+import os
+import re
+
+import pytest
+
+from test_scripts import ROOT, SCRIPTS
+
+# Functions that must be the same, letter for letter, in all five scripts: the shared plumbing and recipe.
+SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_dir", "strict", "write_atomic",
+          "write_json", "write_metrics", "read_metrics", "save_checkpoint", "format_time", "warn_if_slow",
+          "stop_diverged", "stop_interrupted", "main"]
+SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "PROGRESS_SECONDS"]
+
+
+@pytest.mark.parametrize("function", SHARED)
+def test_shared_functions_are_identical_in_every_script(function):
+    sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in SCRIPTS}
+    reference = sources["fixmatch"]
+    drifted = [name for name, source in sources.items() if source != reference]
+    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all five copies alike"
+
+
+def test_shared_constants_are_identical_in_every_script():
+    for constant in SHARED_CONSTANTS:
+        values = {name: getattr(importlib.import_module(name), constant) for name in SCRIPTS}
+        assert len({repr(v) for v in values.values()}) == 1, (constant, values)
+
+
+@pytest.mark.parametrize("name", list(SCRIPTS))
+def test_each_script_names_itself(name):
+    """Copy drift: a script made from another must not keep the other's name in its commands, run folders or
+    ALGORITHM (remixmatch.py's --out help once named runs/mixmatch_...)."""
+    module = importlib.import_module(name)
+    assert module.ALGORITHM == name
+    with open(os.path.join(ROOT, f"{name}.py")) as f:
+        text = f.read()
+    commands = set(re.findall(r"python ([a-z]+)\.py", text))
+    folders = set(re.findall(r"runs/([a-z]+)_n", text))
+    assert commands == {name} and folders == {name}, (commands, folders)
