@@ -1,12 +1,14 @@
-"""Shared code for every script: CIFAR-10 on the device, the labeled split, batched augmentation, WideResNet.
+"""Shared code for every script: the data on the device, the labeled split, batched augmentation, WideResNet.
 
 Nothing about any semi-supervised algorithm lives here: each algorithm script reads top to bottom on its
 own and imports only these building blocks.
 
-- Data: the "CIFAR-10 python version" pickles read straight into uint8 tensors (no md5 check, so
-  re-encoded copies load). The whole set lives on the training device; batches are drawn by index.
-- Split: `labeled_split` picks a balanced, seeded labeled subset. The unlabeled set is all 50,000
-  training images, labeled ones included, as in the papers.
+- Data: `load_dataset` reads CIFAR-10 or CIFAR-100 ("python version" pickles, read straight into uint8 tensors,
+  no md5 check, so re-encoded copies load) or a folder of your own images (train/<class>/, test/<class>/ and
+  optionally unlabeled/, resized to one square size). The whole set lives on the training device; batches are
+  drawn by index.
+- Split: `labeled_split` picks a balanced, seeded labeled subset. The unlabeled set is all training images,
+  labeled ones included, as in the papers (plus a folder's unlabeled/ images, which have label -1).
 - Augmentation: `weak_augment` (flip + translate, FixMatch's "weak") and `strong_augment` (weak +
   RandAugment with a random magnitude per op + Cutout, FixMatch's "strong"), batched and random per
   image. Every RandAugment op is one of three kinds, which is what makes a per-image policy cheap on a
@@ -20,20 +22,32 @@ own and imports only these building blocks.
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters).
 """
 
+import argparse
 import os
 import pickle
 import shutil
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # CIFAR-10's; load_dataset returns each data set's own count
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_FILES = ["test_batch"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Per-channel mean and std of the CIFAR-10 training images, on the 0..1 scale.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+# The same for CIFAR-100 (over all pixels of the 50,000 training images, population std, as CIFAR-10's).
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+DATASETS = ["cifar10", "cifar100", "folder"]
+# Classes of the built-in data sets; each has 50,000 training images of 32x32. Known before anything is read,
+# so that an impossible --n-labeled is refused before a download.
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
+CIFAR_TRAIN_SIZE = 50000
 
 
 class DataError(Exception):
@@ -43,20 +57,50 @@ class DataError(Exception):
 # ----------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------
-def _read_batch(path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CIFAR-10 pickle -> (uint8 images [N, 3, 32, 32], int64 labels [N]); DataError if it is not one."""
+def _read_batch(path: str, label_key: bytes = b"labels", num_classes: int = NUM_CLASSES,
+                name: str = "CIFAR-10") -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR pickle -> (uint8 images [N, 3, 32, 32], int64 labels [N]); DataError if it is not one."""
     try:
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="bytes")
-        data, labels = entry[b"data"], entry[b"labels"]
+        data, labels = entry[b"data"], entry[label_key]
         images = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32)
         labels = torch.as_tensor(labels, dtype=torch.int64)
     except Exception as e:  # pickle raises many kinds of errors on a truncated or garbled file
-        raise DataError(f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); "
+        raise DataError(f"{path} is not a readable {name} batch ({type(e).__name__}: {e}); "
                         "delete the folder to download it again, or point --data-dir at a good copy") from None
-    if len(images) != len(labels) or len(images) == 0 or labels.min() < 0 or labels.max() >= NUM_CLASSES:
-        raise DataError(f"{path} is not a valid CIFAR-10 batch ({len(images)} images, {len(labels)} labels)")
+    if len(images) != len(labels) or len(images) == 0 or labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"{path} is not a valid {name} batch ({len(images)} images, {len(labels)} labels)")
     return images, labels
+
+
+def _load_cifar(data_dir: str, download: bool, name: str, folder_name: str, files: dict[str, list[str]],
+                label_key: bytes, num_classes: int) -> dict[str, torch.Tensor]:
+    """Read the CIFAR pickles files["train"] and files["test"] from <data_dir>/<folder_name>/, downloading the
+    set with torchvision's class `name` without the dash (CIFAR10, CIFAR100) when files are missing."""
+    folder = os.path.join(data_dir, folder_name)
+    expected = files["train"] + files["test"]
+    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if missing and download:
+        created = not os.path.exists(data_dir)
+        try:
+            import torchvision.datasets
+            getattr(torchvision.datasets, name.replace("-", ""))(root=data_dir, train=True, download=True)
+        except Exception as e:
+            if created:  # leave no empty or half-downloaded folder behind: it would look like a data set
+                shutil.rmtree(data_dir, ignore_errors=True)
+            raise DataError(f"{name} not found in {folder} and the download failed ({type(e).__name__}); "
+                            f"pass --data-dir pointing at a folder that holds {folder_name}/") from None
+        missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"{name} not found in {folder} (missing {', '.join(missing)}); "
+                        f"pass --data-dir pointing at a folder that holds {folder_name}/")
+    out = {}
+    for split in ("train", "test"):
+        parts = [_read_batch(os.path.join(folder, f), label_key, num_classes, name) for f in files[split]]
+        out[f"{split}_x"] = torch.cat([p[0] for p in parts])
+        out[f"{split}_y"] = torch.cat([p[1] for p in parts])
+    return out
 
 
 def load_cifar10(data_dir: str, download: bool = True) -> dict[str, torch.Tensor]:
@@ -64,44 +108,200 @@ def load_cifar10(data_dir: str, download: bool = True) -> dict[str, torch.Tensor
 
     Missing files are downloaded with torchvision into data_dir when `download` is set.
     """
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    missing = [f for f in TRAIN_FILES + TEST_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing and download:
-        created = not os.path.exists(data_dir)
+    files = {"train": TRAIN_FILES, "test": TEST_FILES}
+    return _load_cifar(data_dir, download, "CIFAR-10", "cifar-10-batches-py", files, b"labels", NUM_CLASSES)
+
+
+def load_cifar100(data_dir: str, download: bool = True) -> dict:
+    """Read <data_dir>/cifar-100-python/{train,test} ("CIFAR-100 python version") with the 100 fine labels, and
+    the class names from its meta file (numbers when there is none): the dict of `load_dataset`.
+
+    Missing files are downloaded with torchvision into data_dir when `download` is set.
+    """
+    out = _load_cifar(data_dir, download, "CIFAR-100", "cifar-100-python", {"train": ["train"], "test": ["test"]},
+                      b"fine_labels", 100)
+    meta = os.path.join(data_dir, "cifar-100-python", "meta")
+    classes = [str(c) for c in range(100)]
+    if os.path.isfile(meta):
         try:
-            from torchvision.datasets import CIFAR10
-            CIFAR10(root=data_dir, train=True, download=True)
+            with open(meta, "rb") as f:
+                classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"fine_label_names"]]
+            if len(classes) != 100:
+                raise ValueError(f"{len(classes)} class names")
         except Exception as e:
-            if created:  # leave no empty or half-downloaded folder behind: it would look like a data set
-                shutil.rmtree(data_dir, ignore_errors=True)
-            raise DataError(f"CIFAR-10 not found in {folder} and the download failed ({type(e).__name__}); "
-                            "pass --data-dir pointing at a folder that holds cifar-10-batches-py/") from None
-        missing = [f for f in TRAIN_FILES + TEST_FILES if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise DataError(f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}); "
-                        "pass --data-dir pointing at a folder that holds cifar-10-batches-py/")
-    out = {}
-    for split, files in (("train", TRAIN_FILES), ("test", TEST_FILES)):
-        parts = [_read_batch(os.path.join(folder, f)) for f in files]
-        out[f"{split}_x"] = torch.cat([p[0] for p in parts])
-        out[f"{split}_y"] = torch.cat([p[1] for p in parts])
-    return out
+            raise DataError(f"{meta} is not a readable CIFAR-100 meta file ({type(e).__name__}); "
+                            "delete the folder to download it again, or point --data-dir at a good copy") from None
+    return {**out, "num_classes": 100, "classes": classes, "mean": CIFAR100_MEAN, "std": CIFAR100_STD}
 
 
-def labeled_split(labels: torch.Tensor, n_labeled: int, seed: int) -> torch.Tensor:
+def _visible(names: list[str]) -> list[str]:
+    """Sorted, without hidden entries (.DS_Store, ._* and the like)."""
+    return sorted(n for n in names if not n.startswith("."))
+
+
+def _image_paths(folder: str) -> list[str]:
+    """Every visible file under folder, subfolders included, in a fixed order (sorted names, depth first)."""
+    paths = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = _visible(dirs)  # os.walk descends in this order
+        paths += [os.path.join(root, f) for f in _visible(files)]
+    return paths
+
+
+def _class_folders(split_dir: str) -> list[str]:
+    """The class folder names of train/ or test/, sorted; DataError if there are none or a file lies beside them."""
+    if not os.path.isdir(split_dir):
+        raise DataError(f"{split_dir} not found: --dataset folder reads <data-dir>/train/<class>/*, "
+                        "<data-dir>/test/<class>/* and optionally <data-dir>/unlabeled/*")
+    names = _visible(os.listdir(split_dir))
+    stray = [n for n in names if not os.path.isdir(os.path.join(split_dir, n))]
+    if stray:
+        raise DataError(f"{os.path.join(split_dir, stray[0])} is not in a class folder: "
+                        f"{split_dir} must hold one folder of images per class")
+    if len(names) < 2:
+        found = f"only the class folder {names[0]!r}" if names else "no class folders"
+        raise DataError(f"{split_dir} holds {found}; it needs one folder of images per class, at least 2 classes")
+    return names
+
+
+def _class_images(split_dir: str, classes: list[str]) -> tuple[list[str], list[int]]:
+    """The image files of train/ or test/ and their labels (the class's position in `classes`)."""
+    paths, labels = [], []
+    for c, name in enumerate(classes):
+        found = _image_paths(os.path.join(split_dir, name))
+        if not found:
+            raise DataError(f"{os.path.join(split_dir, name)} holds no images; every class needs at least one "
+                            "training and one test image")
+        paths += found
+        labels += [c] * len(found)
+    return paths, labels
+
+
+def _read_images(paths: list[str], size: int) -> torch.Tensor:
+    """Images of any format and size -> uint8 [N, 3, size, size]: the centred square of side min(width, height)
+    resized to size x size (the shorter side to `size`, then a centre crop, in one resampling)."""
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)  # filled in place: large sets are not copied
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                if "transparency" in img.info:  # straight to RGB, Pillow warns (on stderr) for palette images
+                    img = img.convert("RGBA")
+                img = img.convert("RGB")
+                w, h = img.size
+                side = min(w, h)
+                box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+                out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box)).transpose(2, 0, 1)
+        except Exception as e:  # Pillow raises many kinds of errors on a file it cannot decode
+            reason = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {reason}); "
+                            "remove it or replace it") from None
+    return torch.from_numpy(out)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (over all pixels, population std) of uint8 images [N, 3, H, W], on the 0..1
+    scale, as CIFAR10_MEAN/STD. Summed in float64 chunks, so large sets need no float copy of themselves."""
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for chunk in x.split(max(1, 2**20 // (x.shape[2] * x.shape[3]))):
+        f = chunk.double()
+        total += f.sum((0, 2, 3))
+        squares += (f * f).sum((0, 2, 3))
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / n
+    std = (squares / n - mean * mean).clamp(min=0).sqrt()
+    return tuple((mean / 255).tolist()), tuple((std / 255).tolist())
+
+
+def load_image_folder(data_dir: str, image_size: int) -> dict:
+    """Read your own images: <data_dir>/train/<class>/*, <data_dir>/test/<class>/* and, optionally,
+    <data_dir>/unlabeled/* (subfolders included everywhere), into the dict of `load_dataset`.
+
+    Classes are the train/ folder names, sorted; test/ must have the same folders. Every visible file must be
+    an image Pillow reads (any format, any size): it is resized to image_size x image_size (shorter side,
+    then a centre crop). The unlabeled/ images follow the train/ ones in train_x, with label -1. The mean and
+    std are those of the train/ images.
+    """
+    train_dir, test_dir = os.path.join(data_dir, "train"), os.path.join(data_dir, "test")
+    classes = _class_folders(train_dir)
+    test_classes = _class_folders(test_dir)
+    if test_classes != classes:
+        missing, extra = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+        raise DataError(f"{test_dir} must hold the same class folders as {train_dir} "
+                        f"(missing from test/: {missing or 'none'}; not in train/: {extra or 'none'})")
+    # Every file is listed before any is decoded, so that a layout error shows at once, not after minutes.
+    train_paths, train_labels = _class_images(train_dir, classes)
+    test_paths, test_labels = _class_images(test_dir, classes)
+    unlabeled_dir = os.path.join(data_dir, "unlabeled")
+    extra_paths = _image_paths(unlabeled_dir) if os.path.isdir(unlabeled_dir) else []
+    train_x = _read_images(train_paths + extra_paths, image_size)  # one tensor: no concatenated copy
+    mean, std = channel_stats(train_x[:len(train_paths)])
+    return {"train_x": train_x, "train_y": torch.tensor(train_labels + [-1] * len(extra_paths), dtype=torch.int64),
+            "test_x": _read_images(test_paths, image_size), "test_y": torch.tensor(test_labels, dtype=torch.int64),
+            "num_classes": len(classes), "classes": classes, "mean": mean, "std": std}
+
+
+def load_dataset(name: str, data_dir: str, image_size: int = 32, download: bool = True) -> dict:
+    """The data set `name` ("cifar10", "cifar100" or "folder") as {train_x, train_y, test_x, test_y: uint8
+    [N, 3, S, S] images and int64 labels; num_classes; classes: the class names; mean, std: per-channel, 0..1}.
+
+    train_y is -1 for an image without a label (folder data's unlabeled/): labeled_split never picks it and
+    the scripts' unlabeled set, all of train_x, includes it. CIFAR images are 32x32 (image_size is for folder
+    data); CIFAR-10 and CIFAR-100 are downloaded into data_dir when missing and `download` is set.
+    """
+    if name == "cifar10":
+        return {**load_cifar10(data_dir, download), "num_classes": NUM_CLASSES, "classes": CIFAR10_CLASSES,
+                "mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    if name == "cifar100":
+        return load_cifar100(data_dir, download)
+    if name == "folder":
+        return load_image_folder(data_dir, image_size)
+    raise ValueError(f"unknown data set {name!r}; expected one of {DATASETS}")
+
+
+def parse_n_labeled(text: str) -> int | str:
+    """--n-labeled's type: a number of images, or "all" (every training image that has a label)."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got {text!r}") from None
+
+
+def check_data_args(dataset: str, n_labeled: int | str, image_size: int) -> None:
+    """Refuse --dataset, --n-labeled and --image-size settings that cannot work, before any data is read or
+    downloaded (DataError). A folder data set's size is known only once read: labeled_split checks it then."""
+    if dataset in CIFAR_CLASSES:
+        low = CIFAR_CLASSES[dataset]
+        if n_labeled != "all" and not low <= n_labeled <= CIFAR_TRAIN_SIZE:
+            raise DataError(f"--n-labeled must be between {low} and {CIFAR_TRAIN_SIZE}, got {n_labeled}")
+        if image_size != 32:
+            raise DataError(f"--image-size is for --dataset folder; {dataset} images are 32x32, got {image_size}")
+    elif n_labeled != "all" and n_labeled < 1:
+        raise DataError(f"--n-labeled must be a positive number or 'all', got {n_labeled}")
+    if image_size < 8:  # a smaller image leaves the weak shift (12.5%) no pixel
+        raise DataError(f"--image-size must be >= 8, got {image_size}")
+
+
+def labeled_split(labels: torch.Tensor, n_labeled: int | str, seed: int,
+                  num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Sorted indices of a balanced labeled subset: exactly n_labeled, per-class counts differ by <= 1.
 
-    A pure function of (labels, n_labeled, seed). When n_labeled is not a multiple of 10, the classes
-    that get one extra image are drawn with the same seed.
+    A pure function of (labels, n_labeled, seed). When n_labeled is not a multiple of the number of classes,
+    the classes that get one extra image are drawn with the same seed. Images labeled -1 (no label) are never
+    picked; n_labeled "all" takes every image that has a label, balanced or not.
     """
-    if not NUM_CLASSES <= n_labeled <= len(labels):
-        raise DataError(f"--n-labeled must be between {NUM_CLASSES} and {len(labels)} (the training set), "
+    known = torch.nonzero(labels >= 0).flatten()
+    if n_labeled == "all":
+        return known
+    if not num_classes <= n_labeled <= len(known):
+        raise DataError(f"--n-labeled must be between {num_classes} and {len(known)} (the training set), "
                         f"got {n_labeled}")
     g = torch.Generator().manual_seed(seed)
-    per_class = torch.full((NUM_CLASSES,), n_labeled // NUM_CLASSES, dtype=torch.int64)
-    per_class[torch.randperm(NUM_CLASSES, generator=g)[: n_labeled % NUM_CLASSES]] += 1
+    per_class = torch.full((num_classes,), n_labeled // num_classes, dtype=torch.int64)
+    per_class[torch.randperm(num_classes, generator=g)[: n_labeled % num_classes]] += 1
     chosen = []
-    for c in range(NUM_CLASSES):
+    for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
         if len(idx) < per_class[c]:
             raise DataError(f"class {c} has {len(idx)} training images, fewer than the {int(per_class[c])} "
@@ -143,10 +343,11 @@ class RandomBatches:
         self.perm, self.pos = state["perm"].to(self.indices.device), state["pos"]
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> float, standardized per channel (the network's input)."""
-    mean = torch.tensor(CIFAR10_MEAN, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(CIFAR10_STD, device=x.device).view(1, 3, 1, 1) * 255
+def normalize(x: torch.Tensor, mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD) -> torch.Tensor:
+    """uint8 images -> float, standardized per channel with the data set's mean and std on the 0..1 scale
+    (CIFAR-10's by default; load_dataset returns each set's): the network's input."""
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
     return (x.float() - mean) / std
 
 
@@ -404,9 +605,12 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int = 4) -> torch.Tensor:
-    """FixMatch's weak augmentation: random horizontal flip, random translation by up to 4 px (12.5%)."""
+def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int | None = None) -> torch.Tensor:
+    """FixMatch's weak augmentation: random horizontal flip, random translation by up to max_shift px, by default
+    12.5% of the image size (4 px at 32x32, as FixMatch)."""
     b = x.shape[0]
+    if max_shift is None:
+        max_shift = min(x.shape[2:]) // 8
     flip = torch.rand(b, generator=generator) < 0.5
     shift = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator)
     flip, shift = _to_device(flip, x.device), _to_device(shift, x.device)
@@ -442,12 +646,13 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
     return x
 
 
-def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2, cutout_size: int = 16) -> torch.Tensor:
+def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2,
+                   cutout_size: int | None = None) -> torch.Tensor:
     """FixMatch's strong augmentation: weak, then RandAugment (2 random ops with random magnitudes per
-    image), then Cutout (a 16 px gray square at a random position)."""
+    image), then Cutout (a gray square at a random position, by default of half the image size: 16 px at 32)."""
     x = randaugment(weak_augment(x, generator), generator, n_ops)
     centre = _to_device(torch.randint(0, x.shape[2], (2, x.shape[0]), generator=generator), x.device)
-    return cutout(x, centre[0], centre[1], cutout_size)
+    return cutout(x, centre[0], centre[1], x.shape[2] // 2 if cutout_size is None else cutout_size)
 
 
 # ----------------------------------------------------------------------------------------------------

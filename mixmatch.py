@@ -51,7 +51,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import NUM_CLASSES, DataError, RandomBatches, WideResNet, labeled_split, load_cifar10, normalize, weak_augment
+from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, DataError, RandomBatches, WideResNet, check_data_args,
+                    labeled_split, load_dataset, normalize, parse_n_labeled, weak_augment)
 
 ALGORITHM = "mixmatch"
 
@@ -61,7 +62,8 @@ ALGORITHM = "mixmatch"
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n-labeled", type=int, default=4000, help="number of labeled training images (balanced over classes; 250/4000 in the paper)")
+    p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
+                   "(balanced over classes; 250/4000 in the paper), or 'all': every training image with a label")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B (the unlabeled batch is B images too)")
     p.add_argument("--k", type=int, default=2, help="K: weakly augmented views of each unlabeled image whose predictions are averaged to guess its label")
     p.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T of the guessed labels")
@@ -80,15 +82,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
     p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
     p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (downloaded there if missing)")
-    p.add_argument("--out", default=argparse.SUPPRESS,
-                   help="run folder (default: runs/mixmatch_n<n-labeled>_seed<seed>)")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
+                   "--data-dir if missing), or folder: your own images (README, 'Your own data')")
+    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
+                   "(the shorter side, then a centre crop); CIFAR images are 32")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
+                   "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: runs/mixmatch_n<n-labeled>_seed<seed>, "
+                   "runs/mixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     args = p.parse_args(argv)
-    args.out = getattr(args, "out", None) or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
+    run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
+    args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
     if args.lr is None:
         args.lr = {"sgd": 0.03, "adam": 0.002}[args.optimizer]
     if args.weight_decay is None:
@@ -98,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject impossible settings with one line (DataError -> exit status 2)."""
+    check_data_args(args.dataset, args.n_labeled, args.image_size)  # before any data is read or downloaded
     checks = [
-        (10 <= args.n_labeled <= 50000, f"--n-labeled must be between 10 and 50000, got {args.n_labeled}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.k >= 1, f"--k must be >= 1, got {args.k}"),
         (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
@@ -278,18 +286,21 @@ def summarize(stats: torch.Tensor, steps: int) -> dict:
     return dict(zip(STATS, (stats / steps).tolist()))
 
 
-def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, args, amp: bool) -> torch.Tensor:
+def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, args, amp: bool,
+               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> torch.Tensor:
     """One MixMatch step on the labeled batch x_l [B, ...] and K weak views x_u [K, B, ...] of the unlabeled
     batch, with the MixUp draws lam, perm [(K + 1) B]. Returns the step's statistics as a tensor on the
-    device (no host sync); y_u, the true labels of the unlabeled batch, only measure guessed-label accuracy."""
+    device (no host sync); y_u, the true labels of the unlabeled batch (-1: unknown), only measure guessed-label
+    accuracy. mean_std is the data set's (mean, std) for normalize."""
     k, b = x_u.shape[:2]
     # Label guessing: one pass per view in training mode, as the reference, leaving BatchNorm's running
     # statistics alone.
     with torch.no_grad(), frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        logits_u = torch.stack([model(normalize(view).contiguous(memory_format=torch.channels_last)) for view in x_u])
+        logits_u = torch.stack([model(normalize(view, *mean_std).contiguous(memory_format=torch.channels_last))
+                                for view in x_u])
     q = guess_labels(logits_u, args.temperature)
-    x = normalize(torch.cat([x_l, x_u.flatten(0, 1)]))  # X^ then U^, view by view
-    targets = torch.cat([F.one_hot(y_l, NUM_CLASSES).float(), q.repeat(k, 1)])
+    x = normalize(torch.cat([x_l, x_u.flatten(0, 1)]), *mean_std)  # X^ then U^, view by view
+    targets = torch.cat([F.one_hot(y_l, q.shape[1]).float(), q.repeat(k, 1)])
     x_mix, targets_mix = mixup(x, targets, lam, perm)
     logits = forward_interleaved(model, list(x_mix.split(b)), amp)
     loss_x = soft_cross_entropy(logits[0], targets_mix[:b])
@@ -298,29 +309,34 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, arg
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    correct = (q.argmax(dim=1) == y_u).float()
-    return torch.stack([loss, loss_x, loss_u, torch.full_like(loss, ramp), correct.mean()]).detach()
+    # Pseudo-label accuracy over the images whose label is known (y_u = -1: an image of a folder's unlabeled/).
+    # The rescaling factors are exactly 1 when every label is known.
+    correct, known = (q.argmax(dim=1) == y_u).float(), (y_u >= 0).float()
+    pseudo_acc = correct.mean() * (len(y_u) / known.sum().clamp(min=1))
+    return torch.stack([loss, loss_x, loss_u, torch.full_like(loss, ramp), pseudo_acc]).detach()
 
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch_size: int = 1000) -> dict:
-    """Top-1, top-5, mean cross-entropy and per-class top-1 of `model` on (x, y), in eval mode."""
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool, batch_size: int = 1000,
+             mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> dict:
+    """Top-1, top-5, mean cross-entropy and per-class top-1 of `model` on (x, y), in eval mode; mean_std is the
+    data set's (mean, std) for normalize."""
     model.eval()
     loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     for i in range(0, len(x), batch_size):
-        xb = normalize(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
+        xb = normalize(x[i:i + batch_size], *mean_std).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         yb = y[i:i + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
-        top = logits.topk(5, dim=1).indices
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # with fewer than 5 classes, all of them
         top1[i:i + batch_size] = top[:, 0] == yb
         top5[i:i + batch_size] = (top == yb[:, None]).any(1)
     model.train()
-    per_class = [top1[y == c].float().mean().item() for c in range(NUM_CLASSES)]
+    per_class = [top1[y == c].float().mean().item() for c in range(logits.shape[1])]
     return {"top1": top1.float().mean().item(), "top5": top5.float().mean().item(), "loss": loss / len(x),
             "per_class_top1": per_class}
 
@@ -353,7 +369,7 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
     if os.path.exists(path) and not args.overwrite:
         try:
             with open(path) as f:
-                old = json.load(f)
+                old = {"dataset": "cifar10", "image_size": 32, **json.load(f)}  # before --dataset: CIFAR-10
         except (OSError, ValueError) as e:
             raise DataError(f"{path} is not readable ({e}); pass another --out, or --overwrite to start over") from None
         if old.get("algorithm", ALGORITHM) != ALGORITHM:
@@ -500,8 +516,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     if os.path.exists(results_path) and not args.overwrite:
         print(f"{args.out} already holds a finished run (results.json); nothing to do")
         return 0
-    data = load_cifar10(args.data_dir)
-    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed)
+    data = load_dataset(args.dataset, args.data_dir, args.image_size)
+    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
     prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
 
     device = torch.device(args.device)
@@ -509,14 +525,17 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     torch.backends.cudnn.benchmark = True
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
 
     torch.manual_seed(args.seed)
-    model = WideResNet(depth=args.depth, widen_factor=args.widen_factor).to(device, memory_format=torch.channels_last)
+    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
+    model = model.to(device, memory_format=torch.channels_last)
     ema_model = copy.deepcopy(model)
     optimizer = make_optimizer(model, args, device)
     forward = torch.compile(model) if args.compile else model
-    # Index streams over the labeled subset and over all 50,000 images (the unlabeled set includes the
-    # labeled ones, as in the paper); augmentation parameters and MixUp draws come from their own generators.
+    # Index streams over the labeled subset and over all training images (the unlabeled set includes the
+    # labeled ones, as in the paper, and a folder's unlabeled/ images);
+    # augmentation parameters and MixUp draws come from their own generators.
     labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
     unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.batch_size, seed=args.seed + 1)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
@@ -563,7 +582,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             x_u = torch.stack([weak_augment(u, aug_generator) for _ in range(args.k)])
             lam, perm = sample_mixup(mixup_rng, (1 + args.k) * args.batch_size, args.alpha, device)
             ramp = linear_rampup(step, args.rampup_steps)
-            step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_u, train_y[idx_u], lam, perm, ramp, args, amp)
+            step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_u, train_y[idx_u], lam, perm, ramp,
+                                    args, amp, mean_std)
             ema_update(ema_model, model, args.ema_decay)
             log_stats += step_stats
             eval_stats += step_stats
@@ -587,7 +607,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             if step % args.eval_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr, **summarize(eval_stats, eval_steps),
                        "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
-                result = evaluate(ema_model, test_x, test_y, amp)
+                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
                 elapsed += time.perf_counter() - t_start
                 row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
                 metrics.append(row)
@@ -607,13 +627,14 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         return stop_interrupted(step, ckpt_path)
 
     if result is None:  # resumed from the final checkpoint: results.json was not written yet
-        result = evaluate(ema_model, test_x, test_y, amp)
+        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
     top1 = [m["test_top1"] for m in metrics]
     results = {
         "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
         "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
         "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
         "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "classes": data["classes"],
         "wall_time_s": elapsed, "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),

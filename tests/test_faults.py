@@ -162,7 +162,7 @@ def test_unwritable_out_exits_2_before_the_data_loads(cifar_dir, tmp_path, monke
     def must_not_load(*args, **kwargs):
         raise AssertionError("the data was loaded before --out was checked")
 
-    monkeypatch.setattr(module, "load_cifar10", must_not_load)
+    monkeypatch.setattr(module, "load_dataset", must_not_load)
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     for out in (a_file, a_file / "run"):
@@ -240,4 +240,4 @@ def test_help_shows_each_default_once(name, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: runs/{name}_n<n-labeled>_seed<seed>)" in text and "(default: None)" not in text.split("--out")[1][:120]
+    assert f"(default: runs/{name}_n<n-labeled>_seed<seed>" in text and "(default: None)" not in text.split("--out")[1][:200]
