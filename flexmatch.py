@@ -225,16 +225,21 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # Per-step statistics, summed on the device between log points. masked_correct_rate is the fraction of
 # the unlabeled batch that is both confident and correctly pseudo-labeled. threshold_min/mean/max summarise
 # the step's class thresholds T(c) and unused_fraction is the share of all unlabeled images never confident yet.
+# known_rate and masked_known_rate are the fractions whose true label is known (all with CIFAR), and known and
+# confident.
 STATS = ["loss", "loss_x", "loss_u", "mask_rate", "masked_correct_rate", "pseudo_acc",
-         "threshold_min", "threshold_mean", "threshold_max", "unused_fraction"]
+         "threshold_min", "threshold_mean", "threshold_max", "unused_fraction", "known_rate", "masked_known_rate"]
 
 
 def summarize(stats: torch.Tensor, steps: int) -> dict:
     """Mean statistics since the last log point, read from the device (a host sync: log points only)."""
     mean = dict(zip(STATS, (stats / steps).tolist()))
-    # Accuracy of the pseudo-labels that were used (confident ones); None while none is confident.
-    masked_correct = mean.pop("masked_correct_rate")
-    mean["pseudo_acc_masked"] = masked_correct / mean["mask_rate"] if mean["mask_rate"] > 0 else None
+    # Accuracies over the unlabeled images whose label is known, all of them with CIFAR, as ratios of sums over
+    # the steps: pseudo_acc of all pseudo-labels, pseudo_acc_masked of those used (None while there is none).
+    masked_correct, masked_known = mean.pop("masked_correct_rate"), mean.pop("masked_known_rate")
+    known = mean.pop("known_rate")
+    mean["pseudo_acc_masked"] = masked_correct / masked_known if masked_known > 0 else None
+    mean["pseudo_acc"] = mean["pseudo_acc"] / known if known > 0 else None
     return mean
 
 
@@ -260,13 +265,11 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, idx_u, selected_labe
     loss.backward()
     optimizer.step()
     selected_label.copy_(update_selected_label(selected_label, idx_u, confidence, labels, args.threshold))
-    # Pseudo-label accuracy over the images whose label is known (y_u = -1: an image of a folder's unlabeled/).
-    # The rescaling factors are exactly 1 when every label is known.
+    # y_u = -1 (an image of a folder's unlabeled/) is never counted correct, nor known.
     correct, known = (labels == y_u).float(), (y_u >= 0).float()
-    masked_correct = (correct * mask).mean() * (mask.sum() / (mask * known).sum().clamp(min=1))
-    pseudo_acc = correct.mean() * (len(y_u) / known.sum().clamp(min=1))
-    return torch.stack([loss, loss_x, loss_u, mask.mean(), masked_correct, pseudo_acc,
-                        thresholds.min(), thresholds.mean(), thresholds.max(), unused_fraction]).detach()
+    return torch.stack([loss, loss_x, loss_u, mask.mean(), (correct * mask).mean(), correct.mean(),
+                        thresholds.min(), thresholds.mean(), thresholds.max(), unused_fraction,
+                        known.mean(), (known * mask).mean()]).detach()
 
 
 # ----------------------------------------------------------------------------------------------------

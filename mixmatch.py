@@ -277,13 +277,19 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # Training step
 # ----------------------------------------------------------------------------------------------------
 # Per-step statistics, summed on the device between log points. ramp is the ramp-up factor of lambda_u;
-# pseudo_acc is the accuracy of the guessed labels (argmax q) on the unlabeled batch.
-STATS = ["loss", "loss_x", "loss_u", "ramp", "pseudo_acc"]
+# pseudo_acc is the accuracy of the guessed labels (argmax q) on the unlabeled batch (the fraction correct, until
+# summarize divides it by known_rate, the fraction whose true label is known: all with CIFAR).
+STATS = ["loss", "loss_x", "loss_u", "ramp", "pseudo_acc", "known_rate"]
 
 
 def summarize(stats: torch.Tensor, steps: int) -> dict:
     """Mean statistics since the last log point, read from the device (a host sync: log points only)."""
-    return dict(zip(STATS, (stats / steps).tolist()))
+    mean = dict(zip(STATS, (stats / steps).tolist()))
+    # The accuracy over the unlabeled images whose label is known, all of them with CIFAR, as a ratio of sums over
+    # the steps; None while there is none.
+    known = mean.pop("known_rate")
+    mean["pseudo_acc"] = mean["pseudo_acc"] / known if known > 0 else None
+    return mean
 
 
 def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, args, amp: bool,
@@ -309,11 +315,9 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, arg
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    # Pseudo-label accuracy over the images whose label is known (y_u = -1: an image of a folder's unlabeled/).
-    # The rescaling factors are exactly 1 when every label is known.
+    # y_u = -1 (an image of a folder's unlabeled/) is never counted correct, nor known.
     correct, known = (q.argmax(dim=1) == y_u).float(), (y_u >= 0).float()
-    pseudo_acc = correct.mean() * (len(y_u) / known.sum().clamp(min=1))
-    return torch.stack([loss, loss_x, loss_u, torch.full_like(loss, ramp), pseudo_acc]).detach()
+    return torch.stack([loss, loss_x, loss_u, torch.full_like(loss, ramp), correct.mean(), known.mean()]).detach()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -599,7 +603,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                     return stop_diverged(args.out, step, mean["loss"], ckpt_step)
                 eta = (now - t_start) / (step - step_start) * (total_steps - step)
                 print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} (x {mean['loss_x']:.3f}, u {mean['loss_u']:.4f}) "
-                      f"| w_u {args.lambda_u * mean['ramp']:.1f} | guess-acc {mean['pseudo_acc']:.2f} | lr {lr:.4f} "
+                      f"| w_u {args.lambda_u * mean['ramp']:.1f} | guess-acc {mean['pseudo_acc'] or 0:.2f} "
+                      f"| lr {lr:.4f} "
                       f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
                 log_stats.zero_()
                 log_steps, t_log = 0, now

@@ -406,30 +406,50 @@ class FixedLogits(torch.nn.Module):
 
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch"])
 def test_pseudo_label_accuracy_counts_only_images_with_a_label(name):
-    """y_u = -1 (an unlabeled/ image) is neither right nor wrong: accuracies are over the images with a label."""
+    """y_u = -1 (an unlabeled/ image) is neither right nor wrong: the accuracies are over the images with a label,
+    as ratios of sums over the steps, so a step without any such image changes nothing (no zero counted)."""
     module = importlib.import_module(name)
     # 5 unlabeled images: predicted classes 0, 1, 1, 2, 0; confident (>= 0.9) the first three.
     weak = torch.tensor([[0.95, 0.04, 0.01], [0.02, 0.96, 0.02], [0.03, 0.92, 0.05], [0.3, 0.3, 0.4], [0.5, 0.3, 0.2]])
-    y_u = torch.tensor([0, -1, 2, 2, -1])  # right, unknown, wrong, right, unknown
     logits = torch.cat([torch.zeros(2, 3), weak.log(), torch.zeros(5, 3)])
     model = FixedLogits(logits)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = argparse.Namespace(threshold=0.9, lambda_u=1.0, threshold_warmup=True, mapping="convex")
     image = lambda n: torch.zeros(n, 3, 8, 8, dtype=torch.uint8)  # noqa: E731 (the stand-in ignores the pixels)
-    batch = (model, optimizer, image(2), torch.tensor([0, 1]), image(5), image(5), y_u)
-    if name == "flexmatch":  # every image's latest confident class is 1: T(1) = 0.9, T(0) = T(2) = 0
-        selected = torch.ones(5, dtype=torch.int64)
-        stats = module.train_step(*batch, torch.arange(5), selected, args, False, num_classes=3)
-        used = [1, 1, 1, 1, 1]
-    else:
-        stats = module.train_step(*batch, args, False)
-        used = [1, 1, 1, 0, 0]
-    row = module.summarize(stats, 1)
-    assert row["mask_rate"] == pytest.approx(sum(used) / 5)
-    assert row["pseudo_acc"] == pytest.approx(2 / 3)  # of the 3 images with a label, 2 right
+
+    def step(y_u):
+        batch = (model, optimizer, image(2), torch.tensor([0, 1]), image(5), image(5), y_u)
+        if name == "flexmatch":  # every image's latest confident class is 1: T(1) = 0.9, T(0) = T(2) = 0
+            return module.train_step(*batch, torch.arange(5), torch.ones(5, dtype=torch.int64), args, False,
+                                     num_classes=3)
+        return module.train_step(*batch, args, False)
+
+    y_u = torch.tensor([0, -1, 2, 2, -1])  # right, unknown, wrong, right, unknown
+    used = [1, 1, 1, 1, 1] if name == "flexmatch" else [1, 1, 1, 0, 0]
     known_used = [u for u, y in zip(used, y_u.tolist()) if y >= 0]
     right_used = [u for u, y, p in zip(used, y_u.tolist(), [0, 1, 1, 2, 0]) if y >= 0 and y == p]
+    one = step(y_u)
+    row = module.summarize(one, 1)
+    assert row["mask_rate"] == pytest.approx(sum(used) / 5)
+    assert row["pseudo_acc"] == pytest.approx(2 / 3)  # of the 3 images with a label, 2 right
     assert row["pseudo_acc_masked"] == pytest.approx(sum(right_used) / sum(known_used))
+    # A second step of unlabeled/ images only: the mask rate averages over both, the accuracies stay.
+    two = module.summarize(one + step(torch.full((5,), -1)), 2)
+    assert two["mask_rate"] == pytest.approx(sum(used) / 5)
+    assert two["pseudo_acc"] == pytest.approx(2 / 3)
+    assert two["pseudo_acc_masked"] == pytest.approx(sum(right_used) / sum(known_used))
+    nothing = module.summarize(step(torch.full((5,), -1)), 1)
+    assert nothing["pseudo_acc"] is None and nothing["pseudo_acc_masked"] is None and nothing["mask_rate"] > 0
+
+
+@pytest.mark.parametrize("name", ["mixmatch", "remixmatch"])
+def test_guessed_label_accuracy_is_a_ratio_of_sums_over_images_with_a_label(name):
+    module = importlib.import_module(name)
+    # Per step: ..., pseudo_acc = fraction of the batch right (-1 never is), known_rate = fraction with a label.
+    pad = [0.0] * (len(module.STATS) - 2)
+    steps = torch.tensor([pad + [0.5, 0.75], pad + [0.0, 0.0], pad + [0.25, 0.25]])  # the middle: unlabeled/ only
+    assert module.summarize(steps.sum(0), 3)["pseudo_acc"] == pytest.approx(0.75 / 1.0)
+    assert module.summarize(steps[1], 1)["pseudo_acc"] is None
 
 
 # ----------------------------------------------------------------------------------------------------

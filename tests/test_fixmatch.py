@@ -88,9 +88,11 @@ def test_ema_update_hand_computed():
 
 
 def test_summarize_pseudo_label_accuracy_over_confident_images():
-    # Two steps: mask rates 0.5 and 0.25, confident-and-correct rates 0.25 and 0.25 -> 0.25 / 0.375.
-    stats = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.25, 0.6], [3.0, 1.5, 1.5, 0.25, 0.25, 0.8]]).sum(0)
+    # Two steps: mask rates 0.5 and 0.25, confident-and-correct rates 0.25 and 0.25 -> 0.25 / 0.375. Every true
+    # label is known (the last two entries: the known rate 1, and the masked known rate, the mask rate).
+    stats = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.25, 0.6, 1, 0.5], [3.0, 1.5, 1.5, 0.25, 0.25, 0.8, 1, 0.25]]).sum(0)
     mean = fixmatch.summarize(stats, 2)
     assert mean["mask_rate"] == pytest.approx(0.375) and mean["pseudo_acc_masked"] == pytest.approx(0.25 / 0.375)
     assert mean["loss"] == pytest.approx(2.0) and "masked_correct_rate" not in mean
-    assert fixmatch.summarize(torch.tensor([1.0, 1, 0, 0, 0, 0.5]), 1)["pseudo_acc_masked"] is None
+    assert mean["pseudo_acc"] == pytest.approx(0.7) and "known_rate" not in mean and "masked_known_rate" not in mean
+    assert fixmatch.summarize(torch.tensor([1.0, 1, 0, 0, 0, 0.5, 1, 0]), 1)["pseudo_acc_masked"] is None

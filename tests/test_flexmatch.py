@@ -168,7 +168,9 @@ def test_train_step_uses_thresholds_from_before_the_step_then_updates_selected_l
     image = lambda n: torch.zeros(n, 3, 2, 2, dtype=torch.uint8)  # noqa: E731 (the stand-in ignores the pixels)
     stats = train_step(model, optimizer, image(b), labels(0, 1), image(3), image(3), labels(1, 2, 2), idx_u,
                        selected, args, amp=False)
-    loss, loss_x, loss_u, mask_rate, masked_correct, pseudo_acc, t_min, t_mean, t_max, unused = stats.tolist()
+    loss, loss_x, loss_u, mask_rate, masked_correct, pseudo_acc, t_min, t_mean, t_max, unused, known, masked_known = (
+        stats.tolist())
+    assert known == 1 and masked_known == pytest.approx(mask_rate)  # every true label is known here
     assert selected.tolist() == [0, 0, 0, 2, -1, -1, -1, -1]  # updated in place, after the loss
     assert mask_rate == pytest.approx(2 / 3)
     assert loss_x == pytest.approx(math.log(3), abs=1e-5)

@@ -207,7 +207,8 @@ def test_train_step_runs_and_reports_its_statistics():
     lam, perm = sample_mixup(np.random.default_rng(0), (k + 1) * b, 0.75, torch.device("cpu"))
     w = model.fc.weight.detach().clone()
     stats = train_step(model, opt, x_l, y_l, x_u, y_u, lam, perm, 0.5, args, amp=False)
-    loss, loss_x, loss_u, ramp, acc = stats.tolist()
+    loss, loss_x, loss_u, ramp, acc, known = stats.tolist()
+    assert known == 1  # every true label is known here
     assert math.isclose(loss, loss_x + 75.0 * 0.5 * loss_u, rel_tol=1e-5)
     assert ramp == 0.5 and 0 <= acc <= 1 and 0 < loss_u < 1
     assert not torch.equal(model.fc.weight, w)  # the step changed the weights

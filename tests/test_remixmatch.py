@@ -144,7 +144,8 @@ def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
     history = PredictionHistory(10, 128, torch.device("cpu"))
     p_data = torch.full((10,), 0.1)
     stats = train_step(model, opt, x_l, y_l, x_uw, x_us, y_u, lam, perm, 0.25, p_data, history, args, amp=False)
-    loss, loss_x, loss_u, loss_u1, loss_rot, ramp, acc = stats.tolist()
+    loss, loss_x, loss_u, loss_u1, loss_rot, ramp, acc, known = stats.tolist()
+    assert known == 1  # every true label is known here
     # Only lambda_u and lambda_u1 carry the ramp; the rotation loss and L_x do not.
     assert math.isclose(loss, loss_x + 0.25 * (1.5 * loss_u + 0.5 * loss_u1) + 0.5 * loss_rot, rel_tol=1e-5)
     assert ramp == 0.25 and 0 <= acc <= 1 and loss_rot > 0
