@@ -23,6 +23,7 @@ own and imports only these building blocks.
 """
 
 import functools
+import math
 import os
 import pickle
 
@@ -113,17 +114,19 @@ def labeled_split(labels: torch.Tensor, n_labeled: int, seed: int) -> torch.Tens
 class RandomBatches:
     """An endless stream of index batches over `indices`: epochs without replacement, reshuffled each epoch.
 
-    Shuffling runs on the indices' device with its own generator, so drawing a batch never waits for the
-    host; `state_dict`/`load_state_dict` make the continuation after a resume exact.
+    Each epoch's permutation is drawn on the host with its own CPU generator (the same stream on every
+    device: CUDA's randperm draws other permutations than the CPU's) and copied to the indices' device
+    without a sync, so drawing a batch never waits; `state_dict`/`load_state_dict` make the continuation
+    after a resume exact.
     """
 
     def __init__(self, indices: torch.Tensor, batch_size: int, seed: int):
         self.indices, self.batch_size = indices, batch_size
-        self.generator = torch.Generator(device=indices.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.perm, self.pos = self._shuffle(), 0
 
     def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(len(self.indices), generator=self.generator, device=self.indices.device)
+        return _to_device(torch.randperm(len(self.indices), generator=self.generator), self.indices.device)
 
     def __call__(self) -> torch.Tensor:
         parts, need = [], self.batch_size
@@ -175,10 +178,10 @@ _RAMP = np.arange(256, dtype=np.float64)  # the 256 pixel values: the input side
 
 @functools.cache
 def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(the 256 pixel values as float64, Pillow's luma weights as int32 [1, 3, 1, 1], 255.0) on `device`, made once
+    """(the 256 pixel values as float64, Pillow's luma weights [1, 3, 1, 1], 255.0 as float64) on `device`, made once
     (rather than in every call: each would be an operation, and on CUDA a blocking copy)."""
     return (torch.arange(256, dtype=torch.float64, device=device),
-            torch.tensor([19595, 38470, 7471], dtype=torch.int32, device=device).view(1, 3, 1, 1),
+            torch.tensor([19595, 38470, 7471], dtype=torch.float32, device=device).view(1, 3, 1, 1),
             torch.tensor(255.0, dtype=torch.float64, device=device))
 
 
@@ -286,15 +289,19 @@ def equalize_lut(x: torch.Tensor) -> torch.Tensor:
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L conversion (ITU-R 601-2 luma in fixed point, rounded), [B, 1, H, W]."""
-    return ((x.int() * _constants(x.device)[1]).sum(1, keepdim=True) + 0x8000) >> 16
+    """PIL's RGB -> L conversion (ITU-R 601-2 luma in fixed point, rounded), float32 [B, 1, H, W].
+
+    (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16, in float32: exact (integers below 2^24; the division is by a
+    power of 2), and its sum over the channels is vectorised on CPU, the int32 one is not (1.5x faster here).
+    """
+    return torch.floor(((x.float() * _constants(x.device)[1]).sum(1, keepdim=True) + 0x8000) / 0x10000)
 
 
 def mean_level(gray: torch.Tensor) -> torch.Tensor:
     """The mean of grayscale images, rounded as Pillow's ImageEnhance.Contrast does (int(mean + 0.5)), float32
     [B, 1, 1, 1]. In integers, floor(s / n + 0.5) = (2 s + n) // (2 n): exact on every device (CUDA's mean
     multiplies by 1 / n, which is exact only for a power of 2)."""
-    n = gray[0].numel()
+    n = math.prod(gray.shape[1:])
     return torch.div(gray.sum((1, 2, 3), keepdim=True, dtype=torch.int64) * 2 + n, 2 * n, rounding_mode="floor").float()
 
 
@@ -484,7 +491,7 @@ def _cutout_masks(cy: np.ndarray, cx: np.ndarray, h: int, w: int, size: int, fil
 
 
 def _fill_box(x: torch.Tensor, keep: torch.Tensor, paint: torch.Tensor) -> torch.Tensor:
-    return x * keep + paint  # arithmetic, not where/masked_fill: those are ~10x slower on uint8 on CPU
+    return torch.addcmul(paint, x, keep)  # paint + x * keep; where/masked_fill are ~10x slower on uint8 on CPU
 
 
 def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int = 16, fill: int = 127) -> torch.Tensor:
