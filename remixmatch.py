@@ -107,8 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folder (default: runs/remixmatch_n<n-labeled>_seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
     if args.lr is None:
@@ -277,7 +277,7 @@ def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: 
     reference's one pass per part, each of about B images, and its single update of the running statistics.
     """
     batches = interleave(parts)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
         logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
         with frozen_bn_statistics(model):
             logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
@@ -344,14 +344,15 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, lam, perm, ramp: flo
     guessed-label accuracy."""
     k, b = x_us.shape[:2]
     # Label guessing on the weak view in training mode, as the reference, leaving BatchNorm's running statistics alone.
-    with torch.no_grad(), frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with (torch.no_grad(), frozen_bn_statistics(model),
+          torch.autocast(x_uw.device.type, dtype=torch.bfloat16, enabled=amp)):
         logits_uw = model(normalize(x_uw).contiguous(memory_format=torch.channels_last))
     q = guess_labels(logits_uw, p_data, p_model(), args.temperature)
     p_model.update(torch.softmax(logits_uw.float(), dim=1))  # after use: this batch counts from the next step on
     # The first strong view, un-mixed (pre-mixup loss) and rotated (rotation loss): passes of their own with
     # gradient, as in the reference. Rotations by position: 0, 90, 180, 270, 0, ... degrees.
     r = torch.arange(b, device=x_us.device) % 4
-    with frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with frozen_bn_statistics(model), torch.autocast(x_us.device.type, dtype=torch.bfloat16, enabled=amp):
         logits_u1 = model(normalize(x_us[0]).contiguous(memory_format=torch.channels_last))
         logits_rot = model.rot_head(model.features(normalize(rotate_batch(x_us[0], r)).contiguous(memory_format=torch.channels_last)))
     x = normalize(torch.cat([x_l, x_uw, x_us.flatten(0, 1)]))  # X^ then U^, view by view
@@ -380,7 +381,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
     loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         yb = y[i:i + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(labeled.tolist(), f)
 
     device = torch.device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
     torch.backends.cudnn.benchmark = True
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)

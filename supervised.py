@@ -53,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="run folder (default: runs/supervised_n<n-labeled>_seed<seed>)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
     args = p.parse_args(argv)
     args.out = args.out or os.path.join("runs", f"{ALGORITHM}_n{args.n_labeled}_seed{args.seed}")
     return args
@@ -116,7 +116,7 @@ def summarize(stats: torch.Tensor, steps: int) -> dict:
 def train_step(model, optimizer, x_l, y_l, args, amp: bool) -> torch.Tensor:
     """One supervised step. Returns the step's statistics as a tensor on the device (no host sync)."""
     x = normalize(x_l).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(x)
     loss = F.cross_entropy(logits.float(), y_l)
     optimizer.zero_grad(set_to_none=True)
@@ -135,7 +135,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
     loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size]).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         yb = y[i:i + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(labeled.tolist(), f)
 
     device = torch.device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
     torch.backends.cudnn.benchmark = True
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
