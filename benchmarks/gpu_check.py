@@ -23,13 +23,14 @@ It writes report.md and report.json into --out. The parts, in order:
 
 A part that would overrun --budget-s is skipped and the report says so; a part that fails records its error
 and the others still run. --quick shrinks everything (WRN-10-1, B = 8, 3-step windows, --compile timed for
-FixMatch only: a cold compile costs about a minute on a CPU) so that the CPU plays both sides of part 1 and
-every code path runs; tests/test_gpu_check.py runs it.
+FixMatch only: a cold compile costs about a minute on a CPU; a short eager real run) so that the CPU plays
+both sides of part 1 and every code path runs; tests/test_gpu_check.py runs it.
 """
 
 import argparse
 import contextlib
 import datetime
+import gc
 import importlib
 import io
 import json
@@ -303,22 +304,23 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
 
     def step_counting_graphs(*args, **kwargs):
         # Host synchronisations inside the step, counted in the untimed first window after the first step.
-        watch = device.type == "cuda" and 1 <= len(graphs) < s["steps"]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if watch:
+        if device.type == "cuda" and 1 <= len(graphs) < s["steps"]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
-            try:
-                stats = step(*args, **kwargs)
-            finally:
-                if watch:
+                try:
+                    stats = step(*args, **kwargs)
+                finally:
                     torch.cuda.set_sync_debug_mode(0)
-        if watch:
             syncs.append(sum(1 for w in caught if "synchroniz" in str(w.message)))
+        else:
+            stats = step(*args, **kwargs)
         graphs.append(graphs_compiled())
         return stats
 
     if device.type == "cuda":
+        gc.collect()  # the previous run's tensors, so that the peak is this run's
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     with patched(module, "train_step", step_counting_graphs) as step:
@@ -376,8 +378,8 @@ def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, secon
     every = steps // evaluations
     out = os.path.join(work, "real_run")
     argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--n-labeled", str(s["n_labeled"]),
-            "--batch-size", str(s["batch"]), "--eval-every", str(every), "--log-every", str(every), "--compile",
-            *FULL_SCHEDULE, *s["net"], *s["extra"].get("fixmatch", [])]
+            "--batch-size", str(s["batch"]), "--eval-every", str(every), "--log-every", str(every),
+            *FULL_SCHEDULE, *s["net"], *s["extra"].get("fixmatch", [])] + ([] if quick else ["--compile"])
     saved = []
 
     def save_until_done(path, state):
@@ -455,7 +457,8 @@ def markdown(report: dict) -> str:
         ops = parts["devices"]["augmentation_ops"]
         lines += [f"Per call on {report['aug_batch']} images: " + ", ".join(
             f"`{k}` {v['aten_ops']} top-level aten ops"
-            + (f", {v['cuda_kernels']} CUDA kernels" if v["cuda_kernels"] is not None else "") for k, v in ops.items())
+            + (f", {v['cuda_kernels']} CUDA kernels and copies" if v["cuda_kernels"] is not None else "")
+            for k, v in ops.items())
             + ".", ""]
     lines += ["## 2. Exact resume", ""]
     if "checks" in parts.get("resume", {}):
@@ -484,7 +487,8 @@ def markdown(report: dict) -> str:
     lines += ["## 4. Real run", ""]
     real = parts.get("real_run", {})
     if "evaluations" in real:
-        lines += [f"FixMatch, {real['n_labeled']} labels, the 2^20-step schedule, --compile, stopped after "
+        lines += [f"FixMatch, {real['n_labeled']} labels, the 2^20-step schedule"
+                  f"{'' if real['quick'] else ', --compile'}, stopped after "
                   f"{real['steps']} steps (evaluation every {real['eval_every']}, {real['images_per_step']} images "
                   "per step):", "", "| step | EMA test top-1 | top-5 | loss | mask rate | images/s |",
                   "|---|---|---|---|---|---|"]
