@@ -12,9 +12,11 @@ own and imports only these building blocks.
 - Augmentation: `weak_augment` (flip + translate, FixMatch's "weak") and `strong_augment` (weak +
   RandAugment with a random magnitude per op + Cutout, FixMatch's "strong"), batched and random per
   image. Every RandAugment op is one of three kinds, which is what makes a per-image policy cheap on a
-  whole batch: a per-channel lookup table (AutoContrast, Equalize, Posterize, Solarize, Identity), a
-  blend with a degenerate image (Brightness, Color, Contrast, Sharpness), or an affine warp (Rotate,
-  ShearX/Y, TranslateX/Y). Each op reproduces Pillow's result for the same image and magnitude.
+  whole batch: a per-channel lookup table (AutoContrast, Equalize, Posterize, Solarize, Identity, and
+  Brightness, a blend with black), a blend with a degenerate image (Color, Contrast, Sharpness), or an
+  affine warp (Rotate, ShearX/Y, TranslateX/Y). Each op reproduces Pillow's result for the same image and
+  magnitude. What follows from the random draws alone is computed on the host; the device runs a bounded
+  number of operations per batch.
   The RandAugment variant: both ops are always applied, as in TorchSSL and USB, each with a magnitude drawn
   uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
   AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
@@ -23,6 +25,8 @@ own and imports only these building blocks.
 """
 
 import argparse
+import functools
+import math
 import os
 import pickle
 import shutil
@@ -313,17 +317,19 @@ def labeled_split(labels: torch.Tensor, n_labeled: int | str, seed: int,
 class RandomBatches:
     """An endless stream of index batches over `indices`: epochs without replacement, reshuffled each epoch.
 
-    Shuffling runs on the indices' device with its own generator, so drawing a batch never waits for the
-    host; `state_dict`/`load_state_dict` make the continuation after a resume exact.
+    Each epoch's permutation is drawn on the host with its own CPU generator (the same stream on every
+    device: CUDA's randperm draws other permutations than the CPU's) and copied to the indices' device
+    without a sync, so drawing a batch never waits; `state_dict`/`load_state_dict` make the continuation
+    after a resume exact.
     """
 
     def __init__(self, indices: torch.Tensor, batch_size: int, seed: int):
         self.indices, self.batch_size = indices, batch_size
-        self.generator = torch.Generator(device=indices.device).manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
         self.perm, self.pos = self._shuffle(), 0
 
     def _shuffle(self) -> torch.Tensor:
-        return torch.randperm(len(self.indices), generator=self.generator, device=self.indices.device)
+        return _to_device(torch.randperm(len(self.indices), generator=self.generator), self.indices.device)
 
     def __call__(self) -> torch.Tensor:
         parts, need = [], self.batch_size
@@ -343,45 +349,133 @@ class RandomBatches:
         self.perm, self.pos = state["perm"].to(self.indices.device), state["pos"]
 
 
+@functools.cache
+def _normalize_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per data set and device: torch.tensor(..., device="cuda") on every call would be a blocking
+    # host-to-device copy.
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, 3, 1, 1) * 255)
+
+
 def normalize(x: torch.Tensor, mean: tuple = CIFAR10_MEAN, std: tuple = CIFAR10_STD) -> torch.Tensor:
     """uint8 images -> float, standardized per channel with the data set's mean and std on the 0..1 scale
     (CIFAR-10's by default; load_dataset returns each set's): the network's input."""
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    mean, std = _normalize_constants(tuple(mean), tuple(std), x.device)
     return (x.float() - mean) / std
 
 
 # ----------------------------------------------------------------------------------------------------
-# Augmentation primitives. Images are uint8 [B, 3, H, W] (float with integer values works too); per-image
-# parameters are [B] tensors (or scalars) on the images' device.
+# Augmentation. Images are uint8 [B, C, H, W] (float with integer values works too), on any device.
+#
+# Every random choice (flip, shift, which op, its value, where to cut) is drawn on the host from a CPU
+# generator, and everything that follows from the draws alone is computed there too, with numpy: which
+# images share an op, the lookup tables of the ops that do not look at the pixels, the pixel each output
+# pixel is read from for flips, shifts and affine warps, the Cutout squares. All of it goes to the device
+# in one copy per dtype, without a sync. The device only runs what depends on the pixels, in a bounded number
+# of operations per batch whatever ops the images drew: on a GPU every tensor operation is a kernel launch
+# plus Python dispatch, so for batches this small their number, more than their size, sets the cost
+# (benchmarks/README.md counts them). The host computes the same parameters whatever the device, so a seed
+# gives the same images on CPU and GPU.
 # ----------------------------------------------------------------------------------------------------
-def _per_sample(v, x: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
-    """A scalar or [B] parameter -> a [B] tensor on x's device."""
-    return torch.as_tensor(v, dtype=dtype, device=x.device).expand(x.shape[0])
+_RAMP = np.arange(256, dtype=np.float64)  # the 256 pixel values: the input side of every lookup table
 
 
-def _identity_lut(x: torch.Tensor) -> torch.Tensor:
-    return torch.arange(256, device=x.device, dtype=torch.float64).expand(x.shape[0], x.shape[1], 256)
+@functools.cache
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the 256 pixel values as float64, Pillow's luma weights [1, 3, 1, 1], 255.0 as float64) on `device`, made once
+    (rather than in every call: each would be an operation, and on CUDA a blocking copy)."""
+    return (torch.arange(256, dtype=torch.float64, device=device),
+            torch.tensor([19595, 38470, 7471], dtype=torch.float32, device=device).view(1, 3, 1, 1),
+            torch.tensor(255.0, dtype=torch.float64, device=device))
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":  # pinned memory: the copy runs asynchronously, the host does not wait for it
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _send(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays -> tensors of the same dtypes and shapes on `device`, in one copy per dtype."""
+    out = [None] * len(arrays)
+    for dtype in sorted({a.dtype.str for a in arrays}):
+        which = [i for i, a in enumerate(arrays) if a.dtype.str == dtype]
+        flat = torch.from_numpy(np.concatenate([arrays[i].reshape(-1) for i in which]))
+        for i, piece in zip(which, _to_device(flat, device).split([arrays[i].size for i in which])):
+            out[i] = piece.view(arrays[i].shape) if arrays[i].ndim > 1 else piece  # even a view is an operation
+    return out
+
+
+def _host(v, n: int) -> np.ndarray:
+    """A scalar or [n] parameter (number, tensor or array) -> a float64 [n] numpy array."""
+    return np.broadcast_to(torch.as_tensor(v, dtype=torch.float64).cpu().numpy(), (n,))
+
+
+# The three ways an op can transform an image, run on the device. Per-image parameters are tensors on x's device.
 def apply_lut(x: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Map every pixel through a per-image, per-channel lookup table lut [B, 3, 256]."""
+    """Map every pixel through a per-image lookup table lut [B, 1 or C, 256] (per channel if C)."""
     b, c, h, w = x.shape
-    return lut.to(x.dtype).gather(2, x.reshape(b, c, h * w).long()).reshape(b, c, h, w)
+    return lut.to(x.dtype).expand(b, c, 256).gather(2, x.reshape(b, c, h * w).long()).reshape(b, c, h, w)
 
 
-def autocontrast_lut(x: torch.Tensor, v=None) -> torch.Tensor:
+def blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """PIL Image.blend(degenerate, x, factor): degenerate + factor * (x - degenerate), clipped, truncated.
+
+    This is ImageEnhance's `enhance(factor)`: factor (float32 [B]) 1 returns x, 0 the degenerate image. Pillow
+    computes in float32, and so does this, one rounding per operation as in Pillow.
+    """
+    d = degenerate.float()
+    return (d + factor.view(-1, 1, 1, 1) * (x.float() - d)).clamp(0, 255).floor().to(x.dtype)
+
+
+def warp(x: torch.Tensor, src: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """Output pixel p of image k is input pixel src[k, 0, p] (of the flattened H x W image); H * W reads `fill`."""
+    b, c, h, w = x.shape
+    padded = torch.cat([x.reshape(b, c, h * w), x.new_full((b, c, 1), fill)], 2)
+    return padded.gather(2, src.expand(b, c, h * w)).reshape(b, c, h, w)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The 14 RandAugment ops. Each is one of four kinds, by what its function returns for values v (one per image):
+#   "table":       a lookup table [n, 256] computed on the host from v alone (numpy);
+#   "pixel_table": a lookup table [n, C, 256] computed on the device from the images' pixels;
+#   "blend":       a degenerate image computed on the device, blended with the image (v is the enhance factor);
+#   "warp":        an affine matrix [n, 6] computed on the host from v; the host also turns it into a sampling grid.
+# Brightness is a blend with black, so its result depends on each pixel's value alone: a table.
+# ----------------------------------------------------------------------------------------------------
+def identity_table(v: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(_RAMP, (len(v), 256))
+
+
+def posterize_table(bits: np.ndarray) -> np.ndarray:
+    """PIL ImageOps.posterize(x, int(bits)): keep the top bits of every value."""
+    shift = 2.0 ** (8 - np.minimum(np.floor(bits), 8))[:, None]  # a draw can round up to 9
+    return np.floor(_RAMP / shift) * shift
+
+
+def solarize_table(threshold: np.ndarray) -> np.ndarray:
+    """PIL ImageOps.solarize(x, int(threshold)): invert every value at or above the threshold."""
+    return np.where(_RAMP < np.floor(threshold)[:, None], _RAMP, 255 - _RAMP)
+
+
+def brightness_table(factor: np.ndarray) -> np.ndarray:
+    """PIL ImageEnhance.Brightness: `blend` with black, in float32 like it: floor(clip(factor * value))."""
+    return np.floor(np.clip(factor.astype(np.float32)[:, None] * _RAMP.astype(np.float32), 0, 255))
+
+
+def autocontrast_lut(x: torch.Tensor) -> torch.Tensor:
     """PIL ImageOps.autocontrast: stretch each channel's [min, max] to [0, 255] (identity if constant)."""
-    flat = x.reshape(*x.shape[:2], -1)
-    lo, hi = flat.amin(2, keepdim=True).double(), flat.amax(2, keepdim=True).double()
-    scale = torch.full_like(hi, 255.0) / (hi - lo).clamp(min=1)  # not 255 / t: torch computes that as 255 * (1/t)
+    ramp, _, c255 = _constants(x.device)
+    lo, hi = torch.aminmax(x.reshape(*x.shape[:2], -1), dim=2, keepdim=True)
+    lo = lo.double()
+    scale = torch.div(c255, (hi - lo).clamp(min=1))  # not 255 / t: torch computes that as 255 * (1 / t)
     # Pillow truncates toward zero; floor differs only below 0, which the clamp maps to 0 either way (and
     # floor is vectorised for float64 on CPU, trunc is not: 0.19 ms against 0.01 ms here).
-    lut = (_identity_lut(x) * scale - lo * scale).floor().clamp(0, 255)
-    return torch.where(hi > lo, lut, _identity_lut(x))
+    lut = (ramp * scale - lo * scale).floor().clamp(0, 255)
+    return torch.where(hi > lo, lut, ramp)
 
 
-def equalize_lut(x: torch.Tensor, v=None) -> torch.Tensor:
+def equalize_lut(x: torch.Tensor) -> torch.Tensor:
     """PIL ImageOps.equalize: map each channel through its cumulative histogram.
 
     Pillow's rule: step = (pixels - count of the last non-empty bin) // 255, lut[i] = (step // 2 +
@@ -390,269 +484,314 @@ def equalize_lut(x: torch.Tensor, v=None) -> torch.Tensor:
     b, c = x.shape[:2]
     flat = x.reshape(b * c, -1).long()  # a scatter, not torch.bincount: on CUDA, bincount reads its input's max back
     hist = torch.zeros(b * c, 256, dtype=torch.int64, device=x.device).scatter_add_(1, flat, torch.ones_like(flat))
-    hist = hist.reshape(b, c, 256)
-    last = 255 - (hist > 0).flip(2).long().argmax(2, keepdim=True)
-    step = (hist.sum(2, keepdim=True) - hist.gather(2, last)) // 255
-    below = hist.cumsum(2) - hist
-    lut = ((step // 2 + below) // step.clamp(min=1)).clamp(0, 255).double()
-    return torch.where(step > 0, lut, _identity_lut(x))
+    last = flat.amax(1, keepdim=True)  # the brightest pixel's bin is the last non-empty one
+    step = (flat.shape[1] - hist.gather(1, last)) // 255
+    # In float64, exactly (integers below 2^53, quotients far from the next integer), and 4x faster than
+    # integer division on CPU.
+    lut = torch.floor((step // 2 + hist.cumsum(1) - hist).double() / step.clamp(min=1)).clamp(max=255)
+    return torch.where(step > 0, lut, _constants(x.device)[0]).view(b, c, 256)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    """PIL's RGB -> L conversion (ITU-R 601-2 luma in fixed point, rounded), [B, 1, H, W]."""
-    r, g, b = x.int().unbind(1)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).unsqueeze(1).to(x.dtype)
+    """PIL's RGB -> L conversion (ITU-R 601-2 luma in fixed point, rounded), float32 [B, 1, H, W].
+
+    (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16, in float32: exact (integers below 2^24; the division is by a
+    power of 2), and its sum over the channels is vectorised on CPU, the int32 one is not (1.5x faster here).
+    """
+    return torch.floor(((x.float() * _constants(x.device)[1]).sum(1, keepdim=True) + 0x8000) / 0x10000)
+
+
+def mean_level(gray: torch.Tensor) -> torch.Tensor:
+    """The mean of grayscale images, rounded as Pillow's ImageEnhance.Contrast does (int(mean + 0.5)), float32
+    [B, 1, 1, 1]. In integers, floor(s / n + 0.5) = (2 s + n) // (2 n): exact on every device (CUDA's mean
+    multiplies by 1 / n, which is exact only for a power of 2)."""
+    n = math.prod(gray.shape[1:])
+    return torch.div(gray.sum((1, 2, 3), keepdim=True, dtype=torch.int64) * 2 + n, 2 * n, rounding_mode="floor").float()
 
 
 def smooth(x: torch.Tensor) -> torch.Tensor:
-    """PIL ImageFilter.SMOOTH: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded; the 1-px border is copied."""
+    """PIL ImageFilter.SMOOTH: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, rounded; the 1-px border is copied. float32."""
     f = x.float()
-    rows = f[:, :, :-2] + f[:, :, 1:-1] + f[:, :, 2:]  # box sums by shifted adds: a depthwise conv is slower on CPU
+    # Box sums by shifted adds: on CPU, 5x faster than avg_pool2d and 10x faster than a depthwise convolution.
+    rows = f[:, :, :-2] + f[:, :, 1:-1] + f[:, :, 2:]
     box = rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + rows[:, :, :, 2:]
     out = f.clone()
-    out[:, :, 1:-1, 1:-1] = torch.floor((box + 4 * f[:, :, 1:-1, 1:-1]) / 13 + 0.5).clamp(0, 255)
-    return out.to(x.dtype)
+    inner = out[:, :, 1:-1, 1:-1]
+    # The sums are integers below 2^24 (exact in float32) and the result is at most 255.5 before the floor.
+    inner.copy_(torch.floor(torch.add(box, inner, alpha=4) / 13 + 0.5))
+    return out
 
 
-def blend(degenerate: torch.Tensor, x: torch.Tensor, factor) -> torch.Tensor:
-    """PIL Image.blend(degenerate, x, factor): degenerate + factor * (x - degenerate), clipped, truncated.
-
-    This is ImageEnhance's `enhance(factor)`: factor 1 returns x, factor 0 the degenerate image.
-    """
-    f = _per_sample(factor, x, torch.float32).view(-1, 1, 1, 1)
-    d = degenerate.float()
-    return (d + f * (x.float() - d)).clamp(0, 255).floor().to(x.dtype)
+def color_degenerate(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageEnhance.Color blends with the grayscale image."""
+    return grayscale(x)
 
 
-def warp(x: torch.Tensor, matrix: torch.Tensor, fill: float = 0) -> torch.Tensor:
-    """PIL Image.transform(size, AFFINE, matrix, NEAREST) with matrix [B, 6] = (a, b, c, d, e, f).
+def contrast_degenerate(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageEnhance.Contrast blends with the image's mean gray level (rounded), everywhere."""
+    return mean_level(grayscale(x))
+
+
+def sharpness_degenerate(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageEnhance.Sharpness blends with the smoothed image."""
+    return smooth(x)
+
+
+def _affine(n: int, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> np.ndarray:
+    """Per-image affine matrices [n, 6] from scalars or [n] arrays."""
+    return np.stack([np.broadcast_to(np.asarray(t, dtype=np.float64), (n,)) for t in (a, b, c, d, e, f)], 1)
+
+
+def rotate_matrix(degrees: np.ndarray, h: int, w: int) -> np.ndarray:
+    """PIL Image.rotate(degrees): counter-clockwise about the image centre (black corners)."""
+    angle = -(degrees * 0.017453292519943295769236907684886127134428718885417)  # torch.deg2rad's constant
+    # torch, not numpy, for cos and sin: torch's vectorised ones can differ from numpy's in the last bit, and
+    # these matrices must stay those of earlier versions (held by the tests' golden metrics).
+    angle = torch.from_numpy(np.ascontiguousarray(angle))
+    cos, sin = np.round(torch.stack([torch.cos(angle), torch.sin(angle)]).numpy(), 15)  # rounded as PIL does
+    cx, cy = w / 2, h / 2
+    return _affine(len(degrees), cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
+
+
+def shear_x_matrix(s: np.ndarray, h: int, w: int) -> np.ndarray:
+    return _affine(len(s), b=s)
+
+
+def shear_y_matrix(s: np.ndarray, h: int, w: int) -> np.ndarray:
+    return _affine(len(s), d=s)
+
+
+def translate_x_matrix(fraction: np.ndarray, h: int, w: int) -> np.ndarray:
+    return _affine(len(fraction), c=fraction * w)
+
+
+def translate_y_matrix(fraction: np.ndarray, h: int, w: int) -> np.ndarray:
+    return _affine(len(fraction), f=fraction * h)
+
+
+def warp_source(matrix: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The sampling grid of PIL Image.transform(size, AFFINE, matrix, NEAREST) for matrices [n, 6] =
+    (a, b, c, d, e, f): for every output pixel, the flattened index of the input pixel it takes, [n, 1, H * W],
+    and H * W for those that fall outside the image (they get the fill, PIL's default black).
 
     Output pixel (row i, column j) takes the input pixel under (a*(j+.5) + b*(i+.5) + c,
-    d*(j+.5) + e*(i+.5) + f), floored; pixels from outside the image get `fill` (PIL's default, black).
-    The arithmetic is Pillow's, so that sample points that fall exactly on a pixel edge land where they
-    land in Pillow: 16.16 fixed point for a general matrix (Geometry.c, affine_fixed), floating point for
-    a pure translation (Pillow's scale path).
+    d*(j+.5) + e*(i+.5) + f), floored. The arithmetic is Pillow's, so that sample points that fall exactly on
+    a pixel edge land where they land in Pillow: 16.16 fixed point for a general matrix (Geometry.c,
+    affine_fixed), floating point for a pure translation (Pillow's scale path).
     """
-    bsz, ch, h, w = x.shape
-    a, b, c, d, e, f = matrix.double().view(bsz, 6, 1, 1).unbind(1)
-    i = torch.arange(h, device=x.device, dtype=torch.int64).view(1, h, 1)
-    j = torch.arange(w, device=x.device, dtype=torch.int64).view(1, 1, w)
+    a, b, c, d, e, f = (matrix[:, k, None, None] for k in range(6))
+    i, j = np.arange(h).reshape(1, h, 1), np.arange(w).reshape(1, 1, w)
 
     def fix(t):  # to 16.16 fixed point, rounded as Pillow's FIX()
-        return torch.floor(t * 65536 + 0.5).long()
+        return np.floor(t * 65536 + 0.5).astype(np.int64)
 
     # The sample point of pixel (0, 0). A pure translation takes Pillow's floating-point path, which floors
     # offset + j: the same as fixed point with the offset floored first.
     ox, oy = c + 0.5 * a + 0.5 * b, f + 0.5 * d + 0.5 * e
     translation = (b == 0) & (d == 0)
-    ox = torch.where(translation, torch.floor(ox).long() << 16, fix(ox))
-    oy = torch.where(translation, torch.floor(oy).long() << 16, fix(oy))
+    ox = np.where(translation, np.floor(ox).astype(np.int64) << 16, fix(ox))
+    oy = np.where(translation, np.floor(oy).astype(np.int64) << 16, fix(oy))
     u = (ox + i * fix(b) + j * fix(a)) >> 16  # source column
     v = (oy + i * fix(e) + j * fix(d)) >> 16  # source row
-    # Source pixels outside the image read an extra pixel of value `fill` appended after the last one.
-    inside = (u == u.clamp(0, w - 1)) & (v == v.clamp(0, h - 1))
-    src = (h * w + inside * (v * w + u - h * w)).view(bsz, 1, h * w).expand(bsz, ch, h * w)
-    padded = torch.cat([x.reshape(bsz, ch, h * w), torch.full((bsz, ch, 1), fill, dtype=x.dtype, device=x.device)], 2)
-    return padded.gather(2, src).reshape(bsz, ch, h, w)
-
-
-def _affine(x: torch.Tensor, a=1.0, b=0.0, c=0.0, d=0.0, e=1.0, f=0.0) -> torch.Tensor:
-    """Per-image affine matrices [B, 6] from scalars or [B] tensors."""
-    return torch.stack([_per_sample(v, x) for v in (a, b, c, d, e, f)], 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The 14 RandAugment ops. Each is one of three kinds, and its function returns, for images x and one
-# value v per image, the argument of its kind: a lookup table for `apply_lut`, a degenerate image for
-# `blend` (v is the enhance factor), or an affine matrix for `warp`. `apply_op` runs one op.
-# ----------------------------------------------------------------------------------------------------
-def identity_lut(x, v):
-    return _identity_lut(x)
-
-
-def posterize_lut(x, bits):
-    """PIL ImageOps.posterize(x, int(bits)): keep the top bits of every value."""
-    shift = 2 ** (8 - torch.floor(_per_sample(bits, x)).clamp(max=8)).view(-1, 1, 1)  # a draw can round up to 9
-    return torch.floor(_identity_lut(x) / shift) * shift
-
-
-def solarize_lut(x, threshold):
-    """PIL ImageOps.solarize(x, int(threshold)): invert every value at or above the threshold."""
-    lut = _identity_lut(x)
-    return torch.where(lut < torch.floor(_per_sample(threshold, x)).view(-1, 1, 1), lut, 255 - lut)
-
-
-def brightness_degenerate(x, v):
-    """PIL ImageEnhance.Brightness blends with black."""
-    return torch.zeros_like(x)
-
-
-def color_degenerate(x, v):
-    """PIL ImageEnhance.Color blends with the grayscale image."""
-    return grayscale(x).expand_as(x)
-
-
-def contrast_degenerate(x, v):
-    """PIL ImageEnhance.Contrast blends with the image's mean gray level (rounded), everywhere."""
-    mean = torch.floor(grayscale(x).double().mean((1, 2, 3), keepdim=True) + 0.5)
-    return mean.to(x.dtype).expand_as(x)
-
-
-def sharpness_degenerate(x, v):
-    """PIL ImageEnhance.Sharpness blends with the smoothed image."""
-    return smooth(x)
-
-
-def rotate_matrix(x, degrees):
-    """PIL Image.rotate(degrees): counter-clockwise about the image centre (black corners)."""
-    h, w = x.shape[2:]
-    angle = -torch.deg2rad(_per_sample(degrees, x))
-    cos, sin = torch.round(torch.cos(angle), decimals=15), torch.round(torch.sin(angle), decimals=15)  # as PIL
-    cx, cy = w / 2, h / 2
-    return _affine(x, cos, sin, cx - cos * cx - sin * cy, -sin, cos, cy + sin * cx - cos * cy)
-
-
-def shear_x_matrix(x, s):
-    return _affine(x, b=s)
-
-
-def shear_y_matrix(x, s):
-    return _affine(x, d=s)
-
-
-def translate_x_matrix(x, fraction):
-    return _affine(x, c=_per_sample(fraction, x) * x.shape[3])
-
-
-def translate_y_matrix(x, fraction):
-    return _affine(x, f=_per_sample(fraction, x) * x.shape[2])
+    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
+    return np.where(inside, v * w + u, h * w).reshape(len(matrix), 1, h * w)
 
 
 # FixMatch's RandAugment pool: name -> (kind, function, low, high); each op's value is drawn uniformly
 # from [low, high] (FixMatch paper, arXiv 2001.07685, Table 12; the same ranges as TorchSSL/USB).
-# Ops of one kind are listed together, so that sorting a batch by op also groups it by kind.
+# The order of the names is the order of the draws (an op is drawn as its index): do not reorder.
 RANDAUGMENT_OPS = {
-    "Identity": ("lut", identity_lut, 0, 0),
-    "AutoContrast": ("lut", autocontrast_lut, 0, 0),
-    "Equalize": ("lut", equalize_lut, 0, 0),
-    "Posterize": ("lut", posterize_lut, 4, 9),                   # bits kept, floored: 4..8 equally often
-    "Solarize": ("lut", solarize_lut, 0, 256),                   # threshold, floored (the paper's T x 256)
-    "Brightness": ("blend", brightness_degenerate, 0.05, 0.95),  # enhance factor: 0 = black, 1 = unchanged
-    "Color": ("blend", color_degenerate, 0.05, 0.95),            # 0 = grayscale
-    "Contrast": ("blend", contrast_degenerate, 0.05, 0.95),      # 0 = flat mean gray
-    "Sharpness": ("blend", sharpness_degenerate, 0.05, 0.95),    # 0 = smoothed
-    "Rotate": ("warp", rotate_matrix, -30, 30),                  # degrees
+    "Identity": ("table", identity_table, 0, 0),
+    "AutoContrast": ("pixel_table", autocontrast_lut, 0, 0),
+    "Equalize": ("pixel_table", equalize_lut, 0, 0),
+    "Posterize": ("table", posterize_table, 4, 9),                 # bits kept, floored: 4..8 equally often
+    "Solarize": ("table", solarize_table, 0, 256),                 # threshold, floored (the paper's T x 256)
+    "Brightness": ("table", brightness_table, 0.05, 0.95),         # enhance factor: 0 = black, 1 = unchanged
+    "Color": ("blend", color_degenerate, 0.05, 0.95),              # 0 = grayscale
+    "Contrast": ("blend", contrast_degenerate, 0.05, 0.95),        # 0 = flat mean gray
+    "Sharpness": ("blend", sharpness_degenerate, 0.05, 0.95),      # 0 = smoothed
+    "Rotate": ("warp", rotate_matrix, -30, 30),                    # degrees
     "ShearX": ("warp", shear_x_matrix, -0.3, 0.3),
     "ShearY": ("warp", shear_y_matrix, -0.3, 0.3),
-    "TranslateX": ("warp", translate_x_matrix, -0.3, 0.3),       # fraction of the image size
+    "TranslateX": ("warp", translate_x_matrix, -0.3, 0.3),         # fraction of the image size
     "TranslateY": ("warp", translate_y_matrix, -0.3, 0.3),
 }
 OP_NAMES = list(RANDAUGMENT_OPS)
+# Within one round of ops, images are grouped by op in this order, so that each kind is one block of the
+# grouped batch (one table lookup, one blend, one warp per round), and so are the blocks that share work:
+# Color and Contrast both need the grayscale image.
+_GROUPED = ["Identity", "Posterize", "Solarize", "Brightness", "AutoContrast", "Equalize",
+            "Color", "Contrast", "Sharpness", "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY"]
+_RANK = np.array([_GROUPED.index(name) for name in OP_NAMES])  # op index -> position in _GROUPED
+_LO = np.array([float(RANDAUGMENT_OPS[name][2]) for name in OP_NAMES])
+_SPAN = np.array([float(RANDAUGMENT_OPS[name][3] - RANDAUGMENT_OPS[name][2]) for name in OP_NAMES])
 
 
-def _apply_kind(kind: str, x: torch.Tensor, arg: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    if kind == "lut":
-        return apply_lut(x, arg)
-    if kind == "blend":
-        return blend(arg, x, v)
-    return warp(x, arg)
+def _plan_ops(op: np.ndarray, v: np.ndarray, h: int, w: int) -> tuple[np.ndarray, dict, list[np.ndarray]]:
+    """The host's part of one round of ops: op [B] (indices into OP_NAMES) with values v [B] ->
+    (order: the images grouped as in _GROUPED, count of each op, [tables, blend factors, warp grid])."""
+    order = np.argsort(_RANK[op], kind="stable")  # stable: within a group, images keep their order
+    v = v[order]
+    counts = dict(zip(_GROUPED, np.bincount(_RANK[op], minlength=len(_GROUPED)).tolist()))
+    tables, factors, matrices, start = [np.empty((0, 1, 256))], [np.empty(0)], [np.empty((0, 6))], 0
+    for name in _GROUPED:
+        kind, fn, _, _ = RANDAUGMENT_OPS[name]
+        values, start = v[start:start + counts[name]], start + counts[name]
+        if kind == "table" and len(values):
+            tables.append(fn(values)[:, None])
+        elif kind == "blend":
+            factors.append(values)
+        elif kind == "warp" and len(values):
+            matrices.append(fn(values, h, w))
+    grid = warp_source(np.concatenate(matrices), h, w)
+    # Tables travel as uint8, factors as float32 (blend's precision, rounded as torch rounds float64 to float32).
+    return order, counts, [np.concatenate(tables).astype(np.uint8), np.concatenate(factors).astype(np.float32), grid]
+
+
+def _run_ops(x: torch.Tensor, counts: dict, tables: torch.Tensor, factors: torch.Tensor,
+             grid: torch.Tensor) -> torch.Tensor:
+    """The device's part of one round of ops, on images already grouped as in _GROUPED: one lookup, one
+    blend and one warp, each on its own block of the batch; returns the images in the same order."""
+    b, c, h, w = x.shape
+    n = {kind: sum(counts[name] for name in _GROUPED if RANDAUGMENT_OPS[name][0] == kind)
+         for kind in ("table", "pixel_table", "blend", "warp")}
+    lut_x, blend_x, warp_x = x.split([n["table"] + n["pixel_table"], n["blend"], n["warp"]])
+    out = []
+    # Empty groups are skipped: every operation costs the same fixed overhead, however few images it has.
+    if len(lut_x):
+        _, ac_x, eq_x = lut_x.split([n["table"], counts["AutoContrast"], counts["Equalize"]])
+        luts = [tables.expand(n["table"], c, 256)] if n["table"] else []
+        luts += [autocontrast_lut(ac_x)] if len(ac_x) else []
+        luts += [equalize_lut(eq_x)] if len(eq_x) else []
+        out.append(apply_lut(lut_x, torch.cat(luts) if len(luts) > 1 else luts[0]))
+    if len(blend_x):
+        n_color, n_contrast = counts["Color"], counts["Contrast"]
+        gray_x, sharp_x = blend_x.split([n_color + n_contrast, counts["Sharpness"]])
+        degenerate = []
+        if len(gray_x):
+            gray_color, gray_contrast = grayscale(gray_x).split([n_color, n_contrast])
+            degenerate += [gray_color.expand(n_color, c, h, w)] if n_color else []
+            degenerate += [mean_level(gray_contrast).expand(n_contrast, c, h, w)] if n_contrast else []
+        degenerate += [smooth(sharp_x)] if len(sharp_x) else []
+        out.append(blend(torch.cat(degenerate) if len(degenerate) > 1 else degenerate[0], blend_x, factors))
+    if len(warp_x):
+        out.append(warp(warp_x, grid))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def apply_op(name: str, x: torch.Tensor, v) -> torch.Tensor:
     """Apply RandAugment op `name` to images x with value v (a scalar or one per image, in the op's units)."""
-    kind, fn, _, _ = RANDAUGMENT_OPS[name]
-    v = _per_sample(v, x)
-    return _apply_kind(kind, x, fn(x, v), v)
+    b, _, h, w = x.shape
+    _, counts, arrays = _plan_ops(np.full(b, OP_NAMES.index(name)), _host(v, b).copy(), h, w)
+    return _run_ops(x, counts, *_send(arrays, x.device))
+
+
+def _cutout_masks(cy: np.ndarray, cx: np.ndarray, h: int, w: int, size: int, fill: int) -> list[np.ndarray]:
+    """(1 outside each image's square and 0 inside, fill inside and 0 outside), uint8 [B, 1, H, W]."""
+    rows, cols = np.arange(h).reshape(1, 1, h, 1), np.arange(w).reshape(1, 1, 1, w)
+    cy, cx = cy.reshape(-1, 1, 1, 1), cx.reshape(-1, 1, 1, 1)
+    box = (rows >= cy - size // 2) & (rows < cy + size // 2) & (cols >= cx - size // 2) & (cols < cx + size // 2)
+    return [(~box).astype(np.uint8), box.astype(np.uint8) * np.uint8(fill)]
+
+
+def _fill_box(x: torch.Tensor, keep: torch.Tensor, paint: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(paint, x, keep)  # paint + x * keep; where/masked_fill are ~10x slower on uint8 on CPU
 
 
 def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int = 16, fill: int = 127) -> torch.Tensor:
     """Gray out a size x size square centred at (cy, cx) per image, clipped at the border (FixMatch's Cutout)."""
-    h, w = x.shape[2:]
-    rows = torch.arange(h, device=x.device).view(1, h, 1)
-    cols = torch.arange(w, device=x.device).view(1, 1, w)
-    cy, cx = cy.view(-1, 1, 1), cx.view(-1, 1, 1)
-    box = ((rows >= cy - size // 2) & (rows < cy + size // 2)) & ((cols >= cx - size // 2) & (cols < cx + size // 2))
-    box = box.unsqueeze(1).to(x.dtype)
-    return x * (1 - box) + box * fill  # arithmetic, not where/masked_fill: those are ~15x slower on uint8 on CPU
+    masks = _cutout_masks(np.asarray(cy.cpu()), np.asarray(cx.cpu()), x.shape[2], x.shape[3], size, fill)
+    return _fill_box(x, *_send(masks, x.device))
 
 
-def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Horizontal flip where `flip`, then shift by (dy, dx) pixels with reflect padding, per image.
-
-    The same as reflect-padding and cropping at offset (pad + dy, pad + dx), done as one gather.
-    """
-    b, c, h, w = x.shape
-
+def _flip_translate_source(flip: np.ndarray, dy: np.ndarray, dx: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+    """Source row times W [B, H, 1] and source column [B, 1, W] of every output pixel: flip, then shift with
+    reflect padding (the same as reflect-padding and cropping at offset (pad + dy, pad + dx))."""
     def reflect(i, n):  # reflect padding without repeating the edge: -1 -> 1, n -> n - 2
-        return torch.where(i < 0, -i, torch.where(i >= n, 2 * (n - 1) - i, i))
+        return np.where(i < 0, -i, np.where(i >= n, 2 * (n - 1) - i, i))
 
-    rows = reflect(torch.arange(h, device=x.device).view(1, h) + dy.view(-1, 1), h)
-    cols = reflect(torch.arange(w, device=x.device).view(1, w) + dx.view(-1, 1), w)
-    cols = torch.where(flip.view(-1, 1), w - 1 - cols, cols)
-    src = (rows.view(b, h, 1) * w + cols.view(b, 1, w)).view(b, 1, h * w).expand(b, c, h * w)
+    rows = reflect(np.arange(h) + dy.reshape(-1, 1), h)
+    cols = reflect(np.arange(w) + dx.reshape(-1, 1), w)
+    cols = np.where(flip.reshape(-1, 1), w - 1 - cols, cols)
+    return [(rows * w)[:, :, None], cols[:, None, :]]
+
+
+def _gather_pixels(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    src = (rows + cols).view(b, 1, h * w).expand(b, c, h * w)
     return x.reshape(b, c, h * w).gather(2, src).reshape(b, c, h, w)
 
 
+def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip where `flip`, then shift by (dy, dx) pixels with reflect padding, per image."""
+    source = _flip_translate_source(*(np.asarray(t.cpu()) for t in (flip, dy, dx)), *x.shape[2:])
+    return _gather_pixels(x, *_send(source, x.device))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Weak and strong augmentation. Their random parameters (a few numbers per image) are drawn on the host
-# from a CPU generator and sent to the device without a sync: the same seed gives the same
-# augmentations on CPU and GPU, the generator state is easy to checkpoint, and the host knows which
-# images drew which op, so each op runs on its own images only.
+# Weak and strong augmentation. Every draw comes from the CPU generator passed in, in a fixed order (the
+# generator state is what a checkpoint saves), and the random parameters of a whole call go to the device
+# in one copy.
 # ----------------------------------------------------------------------------------------------------
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def _draw_weak(generator: torch.Generator, b: int, h: int, w: int, max_shift: int) -> list[np.ndarray]:
+    flip = torch.rand(b, generator=generator).numpy() < 0.5
+    shift = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator).numpy()
+    return _flip_translate_source(flip, shift[0], shift[1], h, w)
+
+
+def _draw_randaugment(generator: torch.Generator, b: int, h: int, w: int, n_ops: int) -> tuple[list, list]:
+    """The host's part of RandAugment: per round, the op counts (Python) and the arrays the device needs.
+
+    Between rounds the batch stays grouped by the previous round's ops: the arrays include, per round, the
+    index that takes the previous grouping to this round's, and at the end the index back to the input order.
+    """
+    rounds, arrays, position = [], [], np.arange(b)  # position[i]: where image i is in the current grouping
+    for _ in range(n_ops):
+        op = torch.randint(0, len(OP_NAMES), (b,), generator=generator).numpy()
+        u = torch.rand(b, generator=generator, dtype=torch.float64).numpy()
+        order, counts, plan = _plan_ops(op, _LO[op] + _SPAN[op] * u, h, w)
+        arrays += [position[order], *plan]
+        rounds.append(counts)
+        position = np.argsort(order)
+    return rounds, arrays + [position]
+
+
+def _run_randaugment(x: torch.Tensor, rounds: list, tensors: list[torch.Tensor]) -> torch.Tensor:
+    for r, counts in enumerate(rounds):
+        regroup, tables, factors, grid = tensors[4 * r:4 * r + 4]
+        x = _run_ops(x.index_select(0, regroup), counts, tables, factors, grid)
+    return x.index_select(0, tensors[-1])
 
 
 def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int | None = None) -> torch.Tensor:
     """FixMatch's weak augmentation: random horizontal flip, random translation by up to max_shift px, by default
     12.5% of the image size (4 px at 32x32, as FixMatch)."""
-    b = x.shape[0]
-    if max_shift is None:
-        max_shift = min(x.shape[2:]) // 8
-    flip = torch.rand(b, generator=generator) < 0.5
-    shift = torch.randint(-max_shift, max_shift + 1, (2, b), generator=generator)
-    flip, shift = _to_device(flip, x.device), _to_device(shift, x.device)
-    return flip_translate(x, flip, shift[0], shift[1])
+    b, _, h, w = x.shape
+    max_shift = min(h, w) // 8 if max_shift is None else max_shift
+    return _gather_pixels(x, *_send(_draw_weak(generator, b, h, w, max_shift), x.device))
 
 
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment with random magnitudes: n_ops ops per image, each drawn uniformly from the 14-op pool
     (with replacement, independently for every image) with a value drawn uniformly from its range. Every
     drawn op is applied (TorchSSL, USB), not with probability 0.5 as in google-research/fixmatch."""
-    b = x.shape[0]
-    for _ in range(n_ops):
-        op = torch.randint(0, len(OP_NAMES), (b,), generator=generator)
-        u = torch.rand(b, generator=generator, dtype=torch.float64)
-        order = torch.argsort(op, stable=True)  # images grouped by op; the host knows each group's size
-        counts = torch.bincount(op, minlength=len(OP_NAMES)).tolist()
-        back = torch.argsort(order)  # grouped position -> the image's own position
-        order, back, u = (_to_device(t, x.device) for t in (order, back, u[order]))
-        grouped, out, start = x.index_select(0, order), torch.empty_like(x), 0
-        # Ops of one kind are adjacent in OP_NAMES, so each kind is one block of `grouped`: one lookup,
-        # one blend and one warp per round, whatever mix of ops the images drew.
-        for kind in ("lut", "blend", "warp"):
-            args, values, end = [], [], start
-            for (op_kind, fn, lo, hi), n in zip(RANDAUGMENT_OPS.values(), counts):
-                if op_kind == kind and n:
-                    values.append(lo + (hi - lo) * u[end:end + n])
-                    args.append(fn(grouped[end:end + n], values[-1]))
-                    end += n
-            if end > start:
-                out[start:end] = _apply_kind(kind, grouped[start:end], torch.cat(args), torch.cat(values))
-            start = end
-        x = out.index_select(0, back)
-    return x
+    b, _, h, w = x.shape
+    rounds, arrays = _draw_randaugment(generator, b, h, w, n_ops)
+    return _run_randaugment(x, rounds, _send(arrays, x.device))
 
 
 def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2,
                    cutout_size: int | None = None) -> torch.Tensor:
     """FixMatch's strong augmentation: weak, then RandAugment (2 random ops with random magnitudes per
     image), then Cutout (a gray square at a random position, by default of half the image size: 16 px at 32)."""
-    x = randaugment(weak_augment(x, generator), generator, n_ops)
-    centre = _to_device(torch.randint(0, x.shape[2], (2, x.shape[0]), generator=generator), x.device)
-    return cutout(x, centre[0], centre[1], x.shape[2] // 2 if cutout_size is None else cutout_size)
+    b, _, h, w = x.shape
+    weak = _draw_weak(generator, b, h, w, min(h, w) // 8)
+    rounds, ops = _draw_randaugment(generator, b, h, w, n_ops)
+    centre = torch.randint(0, h, (2, b), generator=generator).numpy()
+    size = h // 2 if cutout_size is None else cutout_size
+    tensors = _send(weak + ops + _cutout_masks(centre[0], centre[1], h, w, size, 127), x.device)
+    x = _run_randaugment(_gather_pixels(x, *tensors[:2]), rounds, tensors[2:-2])
+    return _fill_box(x, *tensors[-2:])
 
 
 # ----------------------------------------------------------------------------------------------------

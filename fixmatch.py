@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "runs/fixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
     args = p.parse_args(argv)
     run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
     args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
@@ -177,7 +177,7 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, args, amp: bool,
     the data set's (mean, std) for normalize."""
     b = x_l.shape[0]
     x = normalize(torch.cat([x_l, x_uw, x_us]), *mean_std).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(x)
     logits_l, logits_uw, logits_us = logits[:b], *logits[b:].chunk(2)
     loss_x = F.cross_entropy(logits_l.float(), y_l)
@@ -205,7 +205,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
     loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size], *mean_std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         yb = y[i:i + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -252,6 +252,8 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
         if old.get("algorithm", ALGORITHM) != ALGORITHM:
             raise DataError(f"{args.out} holds a {old['algorithm']} run, not a {ALGORITHM} one; "
                             "pass another --out, or --overwrite to replace it")
+        if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
+            old["amp"] = "auto"
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]
@@ -398,7 +400,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
 
     device = torch.device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
     torch.backends.cudnn.benchmark = True
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)

@@ -119,8 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "runs/remixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast on CUDA (ignored on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
     args = p.parse_args(argv)
     run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
     args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
@@ -294,7 +294,7 @@ def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: 
     reference's one pass per part, each of about B images, and its single update of the running statistics.
     """
     batches = interleave(parts)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
         logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
         with frozen_bn_statistics(model):
             logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
@@ -368,14 +368,14 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, lam, perm, ramp: flo
     guessed-label accuracy. mean_std is the data set's (mean, std) for normalize."""
     k, b = x_us.shape[:2]
     # Label guessing on the weak view in training mode, as the reference, leaving BatchNorm's running statistics alone.
-    with torch.no_grad(), frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with torch.no_grad(), frozen_bn_statistics(model), torch.autocast(x_uw.device.type, dtype=torch.bfloat16, enabled=amp):
         logits_uw = model(normalize(x_uw, *mean_std).contiguous(memory_format=torch.channels_last))
     q = guess_labels(logits_uw, p_data, p_model(), args.temperature)
     p_model.update(torch.softmax(logits_uw.float(), dim=1))  # after use: this batch counts from the next step on
     # The first strong view, un-mixed (pre-mixup loss) and rotated (rotation loss): passes of their own with
     # gradient, as in the reference. Rotations by position: 0, 90, 180, 270, 0, ... degrees.
     r = torch.arange(b, device=x_us.device) % 4
-    with frozen_bn_statistics(model), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+    with frozen_bn_statistics(model), torch.autocast(x_us.device.type, dtype=torch.bfloat16, enabled=amp):
         logits_u1 = model(normalize(x_us[0], *mean_std).contiguous(memory_format=torch.channels_last))
         rotated = normalize(rotate_batch(x_us[0], r), *mean_std).contiguous(memory_format=torch.channels_last)
         logits_rot = model.rot_head(model.features(rotated))
@@ -409,7 +409,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
     loss, top1, top5 = 0.0, torch.zeros_like(y, dtype=torch.bool), torch.zeros_like(y, dtype=torch.bool)
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size], *mean_std).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(xb).float()
         yb = y[i:i + batch_size]
         loss += F.cross_entropy(logits, yb, reduction="sum").item()
@@ -456,6 +456,8 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
         if old.get("algorithm", ALGORITHM) != ALGORITHM:
             raise DataError(f"{args.out} holds a {old['algorithm']} run, not a {ALGORITHM} one; "
                             "pass another --out, or --overwrite to replace it")
+        if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
+            old["amp"] = "auto"
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]
@@ -602,7 +604,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
 
     device = torch.device(args.device)
-    amp = args.amp and device.type == "cuda"
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
     torch.backends.cudnn.benchmark = True
     train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)

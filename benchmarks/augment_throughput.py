@@ -72,21 +72,58 @@ def pil_strong(x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
-def median_seconds(pipelines: dict, repeats: int, warmup: int, sync) -> dict[str, float]:
-    """Median seconds per call of each pipeline. The pipelines take turns, one call each per round, so
-    that a change in the machine's load (it may be shared) hits all of them alike."""
+def median_seconds(pipelines: dict, repeats: int, warmup: int, sync) -> dict[str, dict[str, float]]:
+    """Median seconds per call of each pipeline, as wall time and as this thread's CPU time. The pipelines take
+    turns, one call each per round, so that a change in the machine's load (it may be shared) hits all of them
+    alike. CPU time is the per-core cost: on a loaded machine wall time also counts the time the thread waited
+    for a core; both pipelines run on this one thread."""
     for _ in range(warmup):
         for fn in pipelines.values():
             fn()
     sync()
-    times = {name: [] for name in pipelines}
+    times = {name: {"wall": [], "cpu": []} for name in pipelines}
     for _ in range(repeats):
         for name, fn in pipelines.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.thread_time()
             fn()
             sync()  # GPU work is asynchronous: time until it is done
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name]["wall"].append(time.perf_counter() - start)
+            times[name]["cpu"].append(time.thread_time() - start_cpu)
+    return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+
+
+# Operations that make a view (no data touched: no kernel on a GPU), and the common.py functions that work on
+# the host's CPU tensors only (the random draws and what is computed from them alone).
+VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::slice", "aten::select", "aten::split_with_sizes",
+            "aten::unsqueeze", "aten::detach", "aten::alias", "aten::resolve_conj", "aten::resolve_neg",
+            "aten::lift_fresh"}
+HOST_FUNCTIONS = {"_draw_weak", "_draw_randaugment", "rotate_matrix", "strong_augment"}
+
+
+def count_ops(fn) -> tuple[int, dict[str, int]]:
+    """Top-level aten operations of one call of fn (torch.profiler; each is one dispatch, and on a GPU one kernel
+    launch unless it only makes a view), in all and by the common.py function that issued them; the dict also
+    holds "(views)" and "(host)" totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        fn()
+    total, by_function = 0, {}
+    for e in prof.events():
+        parent, function, top = e.cpu_parent, "(outside common.py)", e.name.startswith("aten::")
+        while parent is not None and top:
+            if parent.name.startswith("aten::"):
+                top = False
+            elif function == "(outside common.py)" and "common.py" in parent.name:
+                function = parent.name.split(": ")[-1]
+            parent = parent.cpu_parent
+        if top:
+            total += 1
+            by_function[function] = by_function.get(function, 0) + 1
+            kind = "(host)" if function in HOST_FUNCTIONS else "(views)" if e.name in VIEW_OPS else "(device)"
+            by_function[kind] = by_function.get(kind, 0) + 1
+    return total, dict(sorted(by_function.items(), key=lambda kv: (not kv[0].startswith("("), -kv[1])))
 
 
 def cpu_model() -> str:
@@ -106,12 +143,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=448, help="images per batch (448 = FixMatch's 64 x (1 + mu 7))")
     p.add_argument("--repeats", type=int, default=20, help="timed batches per pipeline; the median is reported")
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    p.add_argument("--runs", type=int, default=1, help="repeat the whole measurement; the table shows the range")
     p.add_argument("--data-dir", default=os.path.join(REPO, "..", "shared", "cifar10"),
                    help="CIFAR-10 folder; random uint8 images are used if it holds no cifar-10-batches-py/")
     p.add_argument("--seed", type=int, default=0, help="seed for the images and both pipelines' draws")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads (0: torch's default, one per core). On a CPU shared with "
-                        "another job, 1 thread avoids the stalls of threads waiting for each other")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (0: torch's default, one per core). 1, the default, compares the "
+                        "pipelines per core: the per-image one runs on one thread too")
+    p.add_argument("--count-ops", action="store_true", help="only count the operations of one call of each")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,30 +170,47 @@ def main() -> None:
     xd = x.to(device)
     g = torch.Generator().manual_seed(args.seed)
 
-    s = median_seconds({
-        "weak_pil": lambda: pil_weak(x),
-        "strong_pil": lambda: pil_strong(x),
-        "weak": lambda: common.weak_augment(xd, g),
-        "strong": lambda: common.strong_augment(xd, g),
-    }, args.repeats, args.warmup, sync)
-    rows = [  # (pipeline, seconds per batch, seconds of the per-image pipeline it is compared with)
-        (f"weak: common.weak_augment, batched ({device.type})", s["weak"], s["weak_pil"]),
-        ("weak: per-image PIL + torchvision", s["weak_pil"], s["weak_pil"]),
-        (f"strong: common.strong_augment, batched ({device.type})", s["strong"], s["strong_pil"]),
-        ("strong: per-image PIL + torchvision", s["strong_pil"], s["strong_pil"]),
-    ]
+    if args.count_ops:
+        print(f"Top-level aten operations of one call on {args.batch_size} images ({device.type}), torch.profiler:\n")
+        for fn in (common.weak_augment, common.strong_augment):
+            total, by_function = count_ops(lambda: fn(xd, g))
+            print(f"{fn.__name__}: {total} (" + ", ".join(f"{k} {v}" for k, v in by_function.items()) + ")")
+        return
 
-    print(f"{source}; batch {args.batch_size}; median of {args.repeats} after {args.warmup} warm-up batches")
+    speedups = {"weak": [], "strong": []}
+    for run in range(args.runs):
+        s = median_seconds({
+            "weak_pil": lambda: pil_weak(x),
+            "strong_pil": lambda: pil_strong(x),
+            "weak": lambda: common.weak_augment(xd, g),
+            "strong": lambda: common.strong_augment(xd, g),
+        }, args.repeats, args.warmup, sync)
+        for kind in speedups:
+            speedups[kind].append((s[f"{kind}_pil"]["cpu"] / s[kind]["cpu"], s[kind]["cpu"], s[f"{kind}_pil"]["cpu"],
+                                   s[f"{kind}_pil"]["wall"] / s[kind]["wall"]))
+        print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1][0]:.1f}x per core ({v[-1][3]:.1f}x wall)"
+                                             for k, v in speedups.items()), flush=True)
+
+    print(f"\n{source}; batch {args.batch_size}; per run, the median of {args.repeats} batches after {args.warmup} "
+          f"warm-up batches; {args.runs} run(s)")
     print(f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
           f"(intra-op threads: {torch.get_num_threads()}), Pillow {Image.__version__}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
     if hasattr(os, "getloadavg"):  # other jobs on the machine slow every row: say how busy it was
         print(f"load average over the last minute at the end: {os.getloadavg()[0]:.1f}")
-    print()
-    print("| pipeline | images/s | ms per batch | speed-up |")
-    print("|---|---:|---:|---:|")
-    for name, sec, ref in rows:
-        print(f"| {name} | {args.batch_size / sec:,.0f} | {sec * 1000:.1f} | {ref / sec:.1f}x |")
+
+    def span(values, fmt):
+        values = sorted(values)
+        return fmt(statistics.median(values)) if len(values) == 1 else \
+            f"{fmt(statistics.median(values))} ({fmt(values[0])} - {fmt(values[-1])})"
+
+    print("\nImages per second of CPU time (this thread), median (range over runs):\n")
+    print("| pipeline | batched (common.py) | per-image PIL + torchvision | speed-up per core | speed-up, wall time |")
+    print("|---|---:|---:|---:|---:|")
+    for kind, rows in speedups.items():
+        print(f"| {kind} | {span([args.batch_size / r[1] for r in rows], '{:,.0f}'.format)} | "
+              f"{span([args.batch_size / r[2] for r in rows], '{:,.0f}'.format)} | "
+              f"{span([r[0] for r in rows], '{:.1f}x'.format)} | {span([r[3] for r in rows], '{:.1f}x'.format)} |")
 
 
 if __name__ == "__main__":

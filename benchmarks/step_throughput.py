@@ -77,7 +77,7 @@ def time_model_only(images: int, args: argparse.Namespace) -> float:
     y = torch.randint(0, 10, (images,), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(forward(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

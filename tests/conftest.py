@@ -102,3 +102,8 @@ def cifar_dir(tmp_path_factory) -> str:
 def photo_like_images() -> torch.Tensor:
     """uint8 [40, 3, 32, 32] of the synthetic kind above, 4 of every class (for augmentation tests)."""
     return torch.from_numpy(synthetic_images(np.repeat(np.arange(10), 4), seed=1))
+
+
+def pytest_configure(config):
+    # Slow tests stay in the default run (.ci/run runs everything); `-m "not slow"` skips them while iterating.
+    config.addinivalue_line("markers", "slow: takes a minute or more on a 2-core CPU (e.g. a cold torch.compile)")

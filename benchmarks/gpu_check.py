@@ -1,0 +1,603 @@
+"""The first thing to run on a CUDA machine: one command that checks what a first GPU run must confirm.
+
+    python benchmarks/gpu_check.py --out gpu_check_h100 [--data-dir ../shared/cifar10]    # CUDA, <= 8 minutes
+    python benchmarks/gpu_check.py --device cpu --quick --out /tmp/rehearsal             # CPU rehearsal, <= 5 min
+
+It writes report.md and report.json into --out. The parts, in order:
+1. CUDA against CPU: weak and strong augmentation bit-identical for the same generator state (and the same
+   draws: the generators end in the same state); the RandomBatches stream identical; one FixMatch step's
+   statistics in fp32 (TF32 off) close to the CPU's, and the weights after its (fused, on CUDA) SGD step;
+   host synchronisations during training steps (torch.cuda.set_sync_debug_mode); operations and CUDA
+   kernels per augmentation call.
+2. Exact resume: a tiny FixMatch run interrupted after its first checkpoint and resumed, against an
+   uninterrupted one (and a second uninterrupted one: is the device deterministic at all?).
+3. Speed, every script, eager and with --compile, at the papers' sizes (WRN-28-2, B = 64, FixMatch and
+   FlexMatch mu = 7, MixMatch K = 2, ReMixMatch K = 8, bf16 autocast on CUDA): the real training loop on
+   synthetic data, 2 windows of --steps steps, the second one timed (warm-up and compilation excluded).
+   Step time, images/s, the same network's forward + backward + SGD step alone on as many images
+   ("model-only"), full / model-only, peak memory, graphs compiled in the first step and recompilations after.
+4. A real run, if CIFAR-10 is in --data-dir: FixMatch WRN-28-2 at 4000 labels with the full 2^20-step
+   schedule, --compile, stopped after as many steps as fit in --real-run-s seconds, with >= 2 evaluations:
+   accuracy, steps/s and the projected wall time of 2^20 steps. Without CIFAR-10 the other parts still run
+   (synthetic data): a GPU machine may take only a small upload.
+
+A part that would overrun --budget-s is skipped and the report says so; a part that fails records its error
+and the others still run. --quick shrinks everything (WRN-10-1, B = 8, 3-step windows, --compile timed for
+FixMatch only: a cold compile costs about a minute on a CPU; a short eager real run) so that the CPU plays
+both sides of part 1 and every code path runs; tests/test_gpu_check.py runs it.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import importlib
+import io
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the scripts and common.py live one level up
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from step_throughput import write_synthetic_cifar  # noqa: E402
+
+SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
+FULL_SCHEDULE = ["--epochs", "1024", "--steps-per-epoch", "1024"]  # 2^20 steps: the papers' cosine schedule
+
+
+def sizes(quick: bool) -> dict:
+    """Network and batch sizes of every part: the papers' (scripts' defaults), or tiny ones for the rehearsal."""
+    if quick:
+        # B = 8 and mu = 1: FixMatch's forward pass holds 24 images, as in tests/test_amp_compile.py, so the
+        # rehearsal test reuses that test's compiled graphs from inductor's on-disk cache.
+        return {"net": ["--depth", "10", "--widen-factor", "1"], "batch": 8, "steps": 3, "n_train": 2000,
+                "extra": {"fixmatch": ["--mu", "1"], "flexmatch": ["--mu", "1"], "remixmatch": ["--k-strong", "2"]},
+                "aug_batch": 64, "n_labeled": 250, "compile_default": ["fixmatch"], "n_test": 200}
+    return {"net": ["--depth", "28", "--widen-factor", "2"], "batch": 64, "steps": 40, "n_train": 50000,
+            "extra": {}, "aug_batch": 448, "n_labeled": 4000, "compile_default": SCRIPTS, "n_test": 1000}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running the scripts in this process
+# ----------------------------------------------------------------------------------------------------
+def run_main(name: str, argv: list[str]) -> tuple[int, str]:
+    """(exit status, stdout) of `name`.main(argv); stderr passes through."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        rc = importlib.import_module(name).main(argv)
+    return rc, buffer.getvalue()
+
+
+def read_metrics(out: str) -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@contextlib.contextmanager
+def patched(module, name: str, replacement):
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield original
+    finally:
+        setattr(module, name, original)
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def photo_like(n: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [n, 3, 32, 32] with smooth regions, gradients and noise, so that AutoContrast and Equalize have
+    real histograms to work on (the random pixels of the synthetic data set have flat ones)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g) * 255
+    img = F.interpolate(low, size=(32, 32), mode="bilinear", align_corners=False)
+    img = img * (0.5 + torch.rand(n, 1, 1, 1, generator=g)) + 8 * torch.randn(n, 3, 32, 32, generator=g)
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. The device against the CPU
+# ----------------------------------------------------------------------------------------------------
+def count_ops(fn, device: torch.device) -> dict:
+    """Top-level aten operations of one call of fn, and on CUDA the kernels it launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+
+    def top_level(e):
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    events = prof.events()
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU" and top_level(e))
+    kernels = sum(1 for e in events if e.device_type.name == "CUDA") if device.type == "cuda" else None
+    return {"aten_ops": ops, "cuda_kernels": kernels}
+
+
+def fixmatch_step(device: torch.device, depth: int, widen: int, x: torch.Tensor, y: torch.Tensor, batch: int,
+                  mu: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One FixMatch training step from a seeded network on `device`, fp32: (statistics, weights after the step)."""
+    import fixmatch
+
+    args = fixmatch.parse_args(["--threshold", "0.1"])  # a fresh network is unconfident: keep L_u active
+    torch.manual_seed(0)
+    model = common.WideResNet(depth=depth, widen_factor=widen).to(device, memory_format=torch.channels_last)
+    optimizer = fixmatch.make_optimizer(model, args, device)
+    g = torch.Generator().manual_seed(1)
+    x, y = x.to(device), y.to(device)
+    u = x[batch:batch * (1 + mu)]
+    x_l, x_uw, x_us = common.weak_augment(x[:batch], g), common.weak_augment(u, g), common.strong_augment(u, g)
+    stats = fixmatch.train_step(model, optimizer, x_l, y[:batch], x_uw, x_us, y[batch:batch * (1 + mu)], args, False)
+    return stats.cpu(), [p.detach().cpu() for p in model.parameters()]
+
+
+def count_syncs(device: torch.device, s: dict) -> dict:
+    """Host synchronisations in 3 FixMatch training steps (sampling, augmentation, step, EMA) after one warm-up
+    step: set_sync_debug_mode turns each into a warning."""
+    import fixmatch
+
+    args = fixmatch.parse_args(["--batch-size", str(s["batch"])] + s["net"] + s["extra"].get("fixmatch", []))
+    model, ema = (common.WideResNet(depth=args.depth, widen_factor=args.widen_factor).to(
+        device, memory_format=torch.channels_last) for _ in range(2))
+    optimizer = fixmatch.make_optimizer(model, args, device)
+    data = photo_like(512, seed=3).to(device)
+    labels = torch.randint(0, 10, (512,), device=device)
+    labeled = common.RandomBatches(torch.arange(100, device=device), args.batch_size, seed=0)
+    unlabeled = common.RandomBatches(torch.arange(512, device=device), args.mu * args.batch_size, seed=1)
+    g = torch.Generator().manual_seed(2)
+    amp = device.type == "cuda"
+
+    def step():
+        idx_l, idx_u = labeled(), unlabeled()
+        x_l = common.weak_augment(data.index_select(0, idx_l), g)
+        u = data.index_select(0, idx_u)
+        x_uw, x_us = common.weak_augment(u, g), common.strong_augment(u, g)
+        fixmatch.train_step(model, optimizer, x_l, labels[idx_l], x_uw, x_us, labels[idx_u], args, amp)
+        fixmatch.ema_update(ema, model, args.ema_decay)
+
+    step()
+    if device.type != "cuda":
+        return {"syncs": None, "note": "CUDA only"}
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    messages = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
+    return {"syncs": sum(1 for w in caught if "synchroniz" in str(w.message)), "messages": messages[:10]}
+
+
+def part_devices(device: torch.device, s: dict, depth_width: tuple[int, int]) -> dict:
+    cpu = torch.device("cpu")
+    x = photo_like(s["aug_batch"])
+    checks = []
+    for fn in (common.weak_augment, common.strong_augment):
+        for dtype in (torch.uint8, torch.float32):  # common.py's contract: float images with integer values too
+            g_dev, g_cpu = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+            a, b = fn(x.to(device, dtype), g_dev).cpu(), fn(x.to(cpu, dtype), g_cpu)
+            same = torch.equal(a, b) and torch.equal(g_dev.get_state(), g_cpu.get_state())
+            checks.append({"check": f"{fn.__name__}, {len(x)} {str(dtype)[6:]} images: bit-identical to the CPU's, "
+                                    "same draws", "ok": same, "detail": f"{int((a != b).sum())} values differ"})
+    streams = [common.RandomBatches(torch.arange(1000, device=d), 96, seed=0) for d in (device, cpu)]
+    same = all(torch.equal(streams[0]().cpu(), streams[1]()) for _ in range(40))  # 40 batches: 4 epochs
+    checks.append({"check": "RandomBatches: 40 batches of 96 from 1000 indices identical to the CPU's", "ok": same,
+                   "detail": ""})
+
+    # One FixMatch step in fp32 on both devices. TF32 off: it is PyTorch's default for CUDA convolutions.
+    depth, widen = depth_width
+    mu = 2
+    xs, ys = photo_like(s["batch"] * (1 + mu), seed=1), torch.arange(s["batch"] * (1 + mu)) % 10
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        stats_dev, weights_dev = fixmatch_step(device, depth, widen, xs, ys, s["batch"], mu)
+        stats_cpu, weights_cpu = fixmatch_step(cpu, depth, widen, xs, ys, s["batch"], mu)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    rel = ((stats_dev - stats_cpu).abs() / stats_cpu.abs().clamp(min=1e-6)).max().item()
+    checks.append({"check": f"one FixMatch step (WRN-{depth}-{widen}, B = {s['batch']}, mu = {mu}), fp32: statistics "
+                            "within 1e-3 (relative) of the CPU's", "ok": rel < 1e-3,
+                   "detail": f"max relative difference {rel:.2e}; loss {stats_dev[0]:.6f} here, "
+                             f"{stats_cpu[0]:.6f} on CPU"})
+    diff = max((a - b).abs().max().item() for a, b in zip(weights_dev, weights_cpu))
+    checks.append({"check": "weights after that step's SGD update (fused on CUDA) within 1e-4 of the CPU's",
+                   "ok": diff < 1e-4, "detail": f"max absolute difference {diff:.2e}"})
+
+    syncs = count_syncs(device, s)
+    if syncs["syncs"] is not None:
+        checks.append({"check": "no host synchronisation in 3 FixMatch training steps (sampling, augmentation, "
+                                "step, EMA)", "ok": syncs["syncs"] == 0,
+                       "detail": f"{syncs['syncs']} syncs" + "".join(": " + m for m in syncs["messages"][:3])})
+    ops = {fn.__name__: count_ops(lambda fn=fn: fn(x.to(device), torch.Generator().manual_seed(0)), device)
+           for fn in (common.weak_augment, common.strong_augment)}
+    return {"checks": checks, "augmentation_ops": ops, "syncs": syncs}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Exact resume
+# ----------------------------------------------------------------------------------------------------
+def part_resume(device: torch.device, data_dir: str, work: str) -> dict:
+    import fixmatch
+
+    argv = ["--device", str(device), "--depth", "10", "--widen-factor", "1", "--batch-size", "16", "--mu", "2",
+            "--n-labeled", "40", "--threshold", "0.5", "--epochs", "3", "--steps-per-epoch", "4", "--eval-every", "4",
+            "--log-every", "1000", "--data-dir", data_dir]
+    outs = {k: os.path.join(work, f"resume_{k}") for k in ("a", "a2", "b")}
+    for k in ("a", "a2"):
+        assert run_main("fixmatch", argv + ["--out", outs[k]])[0] == 0
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    with patched(fixmatch, "save_checkpoint", save_then_interrupt) as save:
+        interrupted = run_main("fixmatch", argv + ["--out", outs["b"]])[0]
+    resumed = run_main("fixmatch", argv + ["--out", outs["b"]])[0]
+    timing = {"img_per_s", "elapsed_s"}
+    rows = {k: [{m: v for m, v in r.items() if m not in timing} for r in read_metrics(o)] for k, o in outs.items()}
+
+    def max_diff(x, y):
+        return max((abs(p[m] - q[m]) for p, q in zip(x, y) for m in p if isinstance(p[m], float)), default=0.0)
+
+    exact = rows["b"] == rows["a"]
+    return {"checks": [
+        {"check": "tiny FixMatch run interrupted after its first checkpoint and resumed: the same metrics as an "
+                  "uninterrupted run", "ok": exact and interrupted == 130 and resumed == 0,
+         "detail": "identical" if exact else f"max difference {max_diff(rows['b'], rows['a']):.2e}"},
+        {"check": "(for reference) two uninterrupted runs identical", "ok": None,
+         "detail": "identical" if rows["a2"] == rows["a"] else
+         f"differ by up to {max_diff(rows['a2'], rows['a']):.2e}: the device is not deterministic, so a resume "
+         "cannot be exact either"},
+    ]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Speed
+# ----------------------------------------------------------------------------------------------------
+def time_script(name: str, device: torch.device, s: dict, compile: bool, data_dir: str, work: str) -> dict:
+    """The real loop of `name` on synthetic data for 2 windows of s["steps"] steps; the second window is timed."""
+    module = importlib.import_module(name)
+    out = os.path.join(work, f"speed_{name}_{'compiled' if compile else 'eager'}")
+    argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--batch-size", str(s["batch"]),
+            "--n-labeled", "1000", "--epochs", "1", "--steps-per-epoch", str(2 * s["steps"]),
+            "--eval-every", str(s["steps"]), "--log-every", str(10 ** 9), *s["net"], *s["extra"].get(name, [])]
+    argv += ["--compile"] if compile else []
+    torch._dynamo.reset()  # each run's model is new: start from empty in-memory caches (the disk cache stays)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    graphs, syncs = [], []
+
+    def step_counting_graphs(*args, **kwargs):
+        # Host synchronisations inside the step, counted in the untimed first window after the first step.
+        if device.type == "cuda" and 1 <= len(graphs) < s["steps"]:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    stats = step(*args, **kwargs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs.append(sum(1 for w in caught if "synchroniz" in str(w.message)))
+        else:
+            stats = step(*args, **kwargs)
+        graphs.append(graphs_compiled())
+        return stats
+
+    if device.type == "cuda":
+        gc.collect()  # the previous run's tensors, so that the peak is this run's
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with patched(module, "train_step", step_counting_graphs) as step:
+        rc, stdout = run_main(name, argv)
+    assert rc == 0, stdout[-2000:]
+    wall = time.perf_counter() - start
+    images = int(re.search(r"steps of (\d+) images", stdout)[1])
+    img_per_s = read_metrics(out)[1]["img_per_s"]
+    return {"images_per_step": images, "img_per_s": img_per_s, "step_ms": 1000 * images / img_per_s,
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
+            "graphs_first_step": graphs[0] if compile else None,
+            "recompilations_after_first_step": graphs[-1] - graphs[0] if compile else None, "wall_s": wall,
+            "syncs_per_step": sum(syncs) / len(syncs) if syncs else None}
+
+
+def time_model_only(images: int, device: torch.device, s: dict, compile: bool, steps: int) -> float:
+    """images/s of forward + backward + SGD step of the same network on pre-made images, bf16 on CUDA."""
+    depth, widen = int(s["net"][1]), int(s["net"][3])
+    amp = device.type == "cuda"
+    torch._dynamo.reset()
+    model = common.WideResNet(depth=depth, widen_factor=widen).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=amp)
+    forward = torch.compile(model) if compile else model
+    x = torch.randn(images, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (images,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(forward(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(max(3, steps // 5)):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return images * steps / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. A real run
+# ----------------------------------------------------------------------------------------------------
+def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, seconds: float, step_s: float,
+                  quick: bool) -> dict:
+    """FixMatch on CIFAR-10 with the full schedule, stopped after the evaluation that ends the time allowed."""
+    import fixmatch
+
+    evaluations = 4 if seconds / step_s >= 400 else 2
+    eval_s = 2.0 if device.type == "cuda" else 10.0  # a guess for the plan; the report measures it
+    steps = max(evaluations, int((seconds - evaluations * eval_s) / step_s) // evaluations * evaluations)
+    every = steps // evaluations
+    out = os.path.join(work, "real_run")
+    argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--n-labeled", str(s["n_labeled"]),
+            "--batch-size", str(s["batch"]), "--eval-every", str(every), "--log-every", str(every),
+            *FULL_SCHEDULE, *s["net"], *s["extra"].get("fixmatch", [])] + ([] if quick else ["--compile"])
+    saved = []
+
+    def save_until_done(path, state):
+        save(path, state)
+        saved.append(state["step"])
+        if len(saved) == evaluations:
+            raise KeyboardInterrupt  # the run stops here, as a Ctrl-C would; its metrics are complete
+
+    torch._dynamo.reset()
+    with patched(fixmatch, "save_checkpoint", save_until_done) as save:
+        rc, stdout = run_main("fixmatch", argv)
+    assert rc == 130, stdout[-2000:]
+    rows = read_metrics(out)
+    images = int(re.search(r"steps of (\d+) images", stdout)[1])
+    step_time = images / rows[-1]["img_per_s"]  # the last window: compiled and warm
+    # Evaluation time: what each window took beyond its training steps (the first window also compiles).
+    windows = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
+    eval_time = max(0.0, min(w - every * step_time for w in windows)) if windows else float("nan")
+    total = 2 ** 20
+    projected = total * step_time + total / 1024 * eval_time  # the scripts evaluate every 1024 steps by default
+    return {"steps": steps, "eval_every": every, "images_per_step": images,
+            "evaluations": [{"step": r["step"], "test_top1": r["test_top1"], "test_top5": r["test_top5"],
+                             "loss": r["loss"], "mask_rate": r["mask_rate"], "img_per_s": r["img_per_s"]}
+                            for r in rows],
+            "steps_per_s": 1 / step_time, "eval_s": eval_time, "projected_2pow20_h": projected / 3600,
+            "n_labeled": s["n_labeled"], "quick": quick}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    env = {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+           "cpu_count": os.cpu_count(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if device.type == "cuda":
+        env.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   memory_gib=torch.cuda.get_device_properties(device).total_memory / 2 ** 30)
+    return env
+
+
+def markdown(report: dict) -> str:
+    env = report["environment"]
+    lines = [f"# GPU check: {env['device']}", "",
+             f"{env['date']}, commit {env['commit']}, torch {env['torch']}"
+             + (f", CUDA {env['cuda']}, cuDNN {env['cudnn']}" if "cuda" in env else "")
+             + f"; {'--quick (tiny sizes)' if report['quick'] else 'full sizes'} on {report['device']}; "
+             f"{report['wall_s']:.0f} s of a {report['budget_s']:.0f} s budget. "
+             f"Result: **{'all checks passed' if report['passed'] else 'SOME CHECKS FAILED'}**.", ""]
+
+    def checks_table(checks):
+        out = ["| check | result | detail |", "|---|---|---|"]
+        for c in checks:
+            result = "info" if c["ok"] is None else ("PASS" if c["ok"] else "**FAIL**")
+            out.append(f"| {c['check']} | {result} | {c['detail']} |")
+        return out + [""]
+
+    parts = report["parts"]
+    lines += ["## 1. This device against the CPU", ""]
+    if "checks" in parts.get("devices", {}):
+        lines += checks_table(parts["devices"]["checks"])
+        ops = parts["devices"]["augmentation_ops"]
+        lines += [f"Per call on {report['aug_batch']} images: " + ", ".join(
+            f"`{k}` {v['aten_ops']} top-level aten ops"
+            + (f", {v['cuda_kernels']} CUDA kernels and copies" if v["cuda_kernels"] is not None else "")
+            for k, v in ops.items())
+            + ".", ""]
+    lines += ["## 2. Exact resume", ""]
+    if "checks" in parts.get("resume", {}):
+        lines += checks_table(parts["resume"]["checks"])
+    lines += ["## 3. Speed", "", "The real training loop on synthetic data; the second window of "
+              f"{report['sizes']['steps']} steps is timed. Model-only: forward + backward + SGD step of the same "
+              "network on as many pre-made images.", "",
+              "| script | compiled | images/step | step (ms) | images/s | model-only images/s | full / model-only "
+              "| peak memory (MiB) | graphs compiled in step 1 | recompilations after | host syncs per train_step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in parts.get("speed", {}).get("rows", []):
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r['script']} | {'yes' if r['compile'] else 'no'} | {r.get('error') or r['skipped']} "
+                         "| | | | | | | | |")
+            continue
+
+        def fmt(v, spec):
+            return "n/a" if v is None else format(v, spec)
+
+        lines.append(f"| {r['script']} | {'yes' if r['compile'] else 'no'} | {r['images_per_step']} | "
+                     f"{r['step_ms']:.1f} | {r['img_per_s']:.0f} | {r['model_only_img_per_s']:.0f} | "
+                     f"{r['img_per_s'] / r['model_only_img_per_s']:.2f} | {fmt(r['peak_mib'], '.0f')} | "
+                     f"{fmt(r['graphs_first_step'], 'd')} | {fmt(r['recompilations_after_first_step'], 'd')} | "
+                     f"{fmt(r['syncs_per_step'], '.1f')} |")
+    lines += [""]
+    lines += ["## 4. Real run", ""]
+    real = parts.get("real_run", {})
+    if "evaluations" in real:
+        lines += [f"FixMatch, {real['n_labeled']} labels, the 2^20-step schedule"
+                  f"{'' if real['quick'] else ', --compile'}, stopped after "
+                  f"{real['steps']} steps (evaluation every {real['eval_every']}, {real['images_per_step']} images "
+                  "per step):", "", "| step | EMA test top-1 | top-5 | loss | mask rate | images/s |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {e['step']} | {100 * e['test_top1']:.2f}% | {100 * e['test_top5']:.2f}% | {e['loss']:.3f} | "
+                  f"{e['mask_rate']:.2f} | {e['img_per_s']:.0f} |" for e in real["evaluations"]]
+        lines += ["", f"{real['steps_per_s']:.2f} steps/s, evaluation {real['eval_s']:.1f} s: 2^20 steps with an "
+                  f"evaluation every 1024 would take **{real['projected_2pow20_h']:.2f} h** (goal: <= 3 h on one "
+                  "H100-class GPU).", ""]
+    for name, part in parts.items():
+        if "error" in part or "skipped" in part:
+            lines += [f"- part `{name}`: {part.get('skipped') or 'error: ' + part['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for report.md and report.json (created)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "cifar10"),
+                   help="folder holding cifar-10-batches-py/ for the real run (skipped if absent)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: the CPU rehearsal")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget (default: 480, or 300 with --quick)")
+    p.add_argument("--real-run-s", type=float, default=None,
+                   help="seconds for the real run (default: 240, or 30 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="steps per speed window (default: 40, or 3 with --quick)")
+    p.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, help="scripts timed in part 3")
+    p.add_argument("--compile-scripts", nargs="*", default=None, choices=SCRIPTS,
+                   help="scripts also timed with --compile (default: all, or fixmatch with --quick)")
+    p.add_argument("--parts", nargs="+", default=["devices", "resume", "speed", "real_run"],
+                   choices=["devices", "resume", "speed", "real_run"], help="parts to run")
+    args = p.parse_args()
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but CUDA is not available; pass --device cpu", file=sys.stderr)
+        return 2
+    s = sizes(args.quick)
+    s["steps"] = args.steps or s["steps"]
+    budget = args.budget_s or (300.0 if args.quick else 480.0)
+    real_run_s = args.real_run_s or (30.0 if args.quick else 240.0)
+    compile_scripts = s["compile_default"] if args.compile_scripts is None else args.compile_scripts
+    has_cifar = os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py"))
+    reserve = real_run_s + 15 if has_cifar and "real_run" in args.parts else 0.0
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(torch.get_num_threads() if device.type == "cuda" else 1)  # a CPU rehearsal shares cores
+
+    def left() -> float:
+        return budget - (time.perf_counter() - start)
+
+    def attempt(name, fn, needs_s):
+        if name not in args.parts:
+            return {"skipped": "not asked for (--parts)"}
+        if left() - reserve < needs_s:
+            return {"skipped": f"not run: {left():.0f} s of the budget left, {needs_s:.0f} s needed"}
+        print(f"[gpu_check] {name} ({left():.0f} s left)", flush=True)
+        try:
+            return fn()
+        except Exception as e:  # a first GPU run should report everything it can, not stop at the first problem
+            traceback.print_exc()
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+
+    parts = {}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
+        synthetic = os.path.join(work, "synthetic")
+        write_synthetic_cifar(synthetic, n_train=s["n_train"], n_test=s["n_test"])
+        depth_width = (int(s["net"][1]), int(s["net"][3]))
+        parts["devices"] = attempt("devices", lambda: part_devices(device, s, depth_width), 10)
+        parts["resume"] = attempt("resume", lambda: part_resume(device, synthetic, work), 10)
+
+        # FixMatch first: its compiled graphs also serve FlexMatch (same shapes: inductor's cache) and the real run.
+        order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch"] if n in args.scripts]
+        rows, step_s, compile_s = [], {}, 30.0 if args.quick else 60.0  # compile_s: the last compiled run's time
+        for compile in (False, True):
+            for name in order if not compile else [n for n in order if n in compile_scripts]:
+                row = attempt("speed", lambda: time_script(name, device, s, compile, synthetic, work),
+                              compile_s if compile else 5)
+                row.update(script=name, compile=compile)
+                if "img_per_s" in row:
+                    row["model_only_img_per_s"] = time_model_only(row["images_per_step"], device, s, compile,
+                                                                  s["steps"])
+                    step_s[(name, compile)] = row["step_ms"] / 1000
+                    compile_s = row["wall_s"] if compile else compile_s
+                rows.append(row)
+        parts["speed"] = {"rows": rows} if "speed" in args.parts else {"skipped": "not asked for (--parts)"}
+
+        if not has_cifar:
+            parts["real_run"] = {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"}
+        else:
+            reserve = 0.0
+            per_step = (step_s.get(("fixmatch", True)) or step_s.get(("fixmatch", False))
+                        or (0.2 if device.type == "cuda" else 1.0))  # s per step: sizes the real run
+            seconds = min(real_run_s, left() - 10)
+            parts["real_run"] = attempt("real_run", lambda: part_real_run(device, s, args.data_dir, work, seconds,
+                                                                         per_step, args.quick), 20)
+
+    checks = [c for part in parts.values() for c in part.get("checks", [])]
+    errors = [n for n, part in parts.items() if "error" in part] + [
+        r["script"] for r in parts["speed"].get("rows", []) if "error" in r]
+    report = {"environment": environment(device), "device": str(device), "quick": args.quick, "sizes": s,
+              "budget_s": budget, "wall_s": time.perf_counter() - start, "aug_batch": s["aug_batch"],
+              "passed": all(c["ok"] is not False for c in checks) and not errors, "parts": parts}
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
