@@ -71,11 +71,13 @@ def expand_grid(algorithms: list[str], n_labeled: list[int], seeds: list[int], s
     (--seeds 0 0) is one run: two processes must never train in the same folder."""
     runs = []
     algorithms, n_labeled, seeds = (list(dict.fromkeys(axis)) for axis in (algorithms, n_labeled, seeds))
-    for algorithm, n, seed, values in itertools.product(algorithms, n_labeled, seeds, itertools.product(*sweep.values())):
+    points = itertools.product(algorithms, n_labeled, seeds, itertools.product(*sweep.values()))
+    for algorithm, n, seed, values in points:
         swept = dict(zip(sweep, values))
         name = run_name(algorithm, n, seed, swept)
         folder = os.path.join(out, name)
-        cmd = [sys.executable, os.path.relpath(os.path.join(ROOT, f"{algorithm}.py")), "--n-labeled", str(n), "--seed", str(seed),
+        cmd = [sys.executable, os.path.relpath(os.path.join(ROOT, f"{algorithm}.py")),
+               "--n-labeled", str(n), "--seed", str(seed),
                "--out", folder, *[a for k, v in swept.items() for a in (f"--{k}", v)], *extra[algorithm]]
         runs.append({"name": name, "algorithm": algorithm, "folder": folder, "cmd": cmd})
     return runs
@@ -85,7 +87,8 @@ def script_flags(algorithm: str) -> set[str]:
     """The long flags a script accepts, read from its add_argument calls (no import: torch loads slowly)."""
     with open(os.path.join(ROOT, f"{algorithm}.py")) as f:
         calls = re.findall(r'add_argument\("(--[a-z][a-z0-9-]*)"(.*)', f.read())
-    return {flag for flag, rest in calls} | {"--no-" + flag[2:] for flag, rest in calls if "BooleanOptionalAction" in rest}
+    negated = {"--no-" + flag[2:] for flag, rest in calls if "BooleanOptionalAction" in rest}
+    return {flag for flag, rest in calls} | negated
 
 
 def route_extra(algorithms: list[str], extra: list[str], sweep: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -157,7 +160,8 @@ def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
 def slurm_script(runs: list[dict], out: str) -> str:
     """A SLURM array job with one task per run; each task's command resumes its run if it was cut off."""
     lines = ["#!/bin/bash", "#SBATCH --job-name=ssl-grid", f"#SBATCH --array=0-{len(runs) - 1}",
-             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8", f"#SBATCH --output={os.path.join(out, 'slurm-%A_%a.log')}",
+             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8",
+             f"#SBATCH --output={os.path.join(out, 'slurm-%A_%a.log')}",
              "# One task per run. A task that is cut off (time limit, preemption) resumes from its checkpoint",
              "# when resubmitted; finished runs exit at once.", f"cd {shlex.quote(os.getcwd())}", "RUNS=("]
     lines += [f"  {shlex.quote(shlex.join(['python', *r['cmd'][1:]]))}" for r in runs]
@@ -247,10 +251,11 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
     rows = group_runs(finished + diverged)
     columns = sorted({n for cells in rows.values() for n in cells})
     lines = [f"# Results under `{out}`", ""]
-    for title, key in [] if not rows else (("Top-1 accuracy (%), final evaluation", "final_top1"),
-                                           ("Top-1 accuracy (%), median of the last 20 evaluations", "median_last20_top1"),
-                       ("Top-1 accuracy (%), best evaluation", "best_top1"),
-                       ("Top-5 accuracy (%), final evaluation", "final_top5")):
+    tables = (("Top-1 accuracy (%), final evaluation", "final_top1"),
+              ("Top-1 accuracy (%), median of the last 20 evaluations", "median_last20_top1"),
+              ("Top-1 accuracy (%), best evaluation", "best_top1"),
+              ("Top-5 accuracy (%), final evaluation", "final_top5"))
+    for title, key in tables if rows else ():
         lines += [f"## {title}", "", "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for label, cells in rows.items():
@@ -294,7 +299,8 @@ def run_table(run: dict) -> str:
              "|---|---|---|---|---|"]
     for m in run["metrics"]:
         loss = f"{m['loss']:.4f}" if isinstance(m.get("loss"), float) else "–"
-        lines.append(f"| {m['epoch']:g} | {m['step']} | {loss} | {100 * m['test_top1']:.2f} | {100 * m['test_top5']:.2f} |")
+        lines.append(f"| {m['epoch']:g} | {m['step']} | {loss} | {100 * m['test_top1']:.2f} | "
+                     f"{100 * m['test_top5']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -306,11 +312,13 @@ def plot_accuracy_vs_labels(finished: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colours = algorithm_colours(finished)
-    for ax, (key, title) in zip(axes, (("final_top1", "final evaluation"), ("median_last20_top1", "median of the last 20 evaluations"))):
+    panels = (("final_top1", "final evaluation"), ("median_last20_top1", "median of the last 20 evaluations"))
+    for ax, (key, title) in zip(axes, panels):
         for label, cells in group_runs(finished).items():
             ns = sorted(cells)
             accs = [[100 * r["results"][key] for r in cells[n]] for n in ns]
-            ax.errorbar(ns, [statistics.mean(a) for a in accs], yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+            errors = [statistics.stdev(a) if len(a) > 1 else 0 for a in accs]
+            ax.errorbar(ns, [statistics.mean(a) for a in accs], yerr=errors,
                         marker="o", capsize=3, label=label, color=colours[label.split()[0]])
         ax.set_xscale("log")
         ns = sorted({r["args"]["n_labeled"] for r in finished})
@@ -384,14 +392,19 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Flags after -- are passed to every script that accepts them.")
-    p.add_argument("--algorithms", nargs="+", default=["fixmatch"], metavar="NAME", help=f"any of {', '.join(ALGORITHMS)}")
+    p.add_argument("--algorithms", nargs="+", default=["fixmatch"], metavar="NAME",
+                   help=f"any of {', '.join(ALGORITHMS)}")
     p.add_argument("--n-labeled", nargs="+", type=int, default=[250], metavar="N", help="numbers of labeled images")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S", help="seeds (labeled split, init, batches)")
-    p.add_argument("--sweep", nargs="+", default=[], metavar="FLAG=V1,V2", help="sweep any script flag, e.g. batch-size=32,64")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S",
+                   help="seeds (labeled split, init, batches)")
+    p.add_argument("--sweep", nargs="+", default=[], metavar="FLAG=V1,V2",
+                   help="sweep any script flag, e.g. batch-size=32,64")
     p.add_argument("--out", default="runs", help="folder holding one folder per run, and the report")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one run per GPU at a time (default: all visible; CPU if none)")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one run per GPU at a time (default: all "
+                   "visible; CPU if none)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--slurm", action="store_true", help="write <out>/grid.sbatch (a SLURM array job) and stop")
     p.add_argument("--report", action="store_true", help="only aggregate the runs under --out")

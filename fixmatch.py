@@ -48,7 +48,8 @@ ALGORITHM = "fixmatch"
 # Arguments
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
                    "(balanced over classes; 40/250/4000 in the paper), or 'all': every training image with a label")
     p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
@@ -56,11 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.95, help="confidence threshold tau for pseudo-labels")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the unlabeled loss")
     p.add_argument("--lr", type=float, default=0.03, help="initial learning rate (SGD, Nesterov momentum 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on BatchNorm parameters and biases)")
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay (not on BatchNorm parameters and biases)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
-    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 steps in all by default)")
-    p.add_argument("--steps-per-epoch", type=int, default=1024, help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
-    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and checkpoint every this many steps")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
+                   "steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024,
+                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
+                   "checkpoint every this many steps")
     p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
     p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
     p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
@@ -71,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(the shorter side, then a centre crop); CIFAR images are 32")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
                    "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: runs/fixmatch_n<n-labeled>_seed<seed>, "
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
+                   "runs/fixmatch_n<n-labeled>_seed<seed>, "
                    "runs/fixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
@@ -96,7 +102,8 @@ def check_args(args: argparse.Namespace) -> None:
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
          "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
-        (args.depth >= 10 and (args.depth - 4) % 6 == 0, f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
         (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
     ]
     for ok, message in checks:
@@ -281,7 +288,7 @@ def prepare_run_dir(args: argparse.Namespace, labeled: torch.Tensor, lock: conte
     except BlockingIOError:
         raise DataError(f"another process is training in {args.out}; wait for it to finish, "
                         "or pass another --out") from None
-    stale = ("checkpoint.pt", "metrics.jsonl", "results.json", "diverged.json") if args.overwrite else ("diverged.json",)
+    stale = ["diverged.json"] + (["checkpoint.pt", "metrics.jsonl", "results.json"] if args.overwrite else [])
     for name in stale:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
@@ -416,7 +423,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     # labeled ones, as in the paper, and a folder's unlabeled/ images);
     # augmentation parameters come from their own CPU generator.
     labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
-    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.mu * args.batch_size, seed=args.seed + 1)
+    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.mu * args.batch_size,
+                                      seed=args.seed + 1)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
 
     total_steps = args.epochs * args.steps_per_epoch
@@ -471,18 +479,21 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                 if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
                     return stop_diverged(args.out, step, mean["loss"], ckpt_step)
                 eta = (now - t_start) / (step - step_start) * (total_steps - step)
-                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} (x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}) "
-                      f"| mask {mean['mask_rate']:.2f} | pl-acc {mean['pseudo_acc_masked'] or 0:.2f} | lr {lr:.4f} "
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
+                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}) | mask {mean['mask_rate']:.2f} "
+                      f"| pl-acc {mean['pseudo_acc_masked'] or 0:.2f} | lr {lr:.4f} "
                       f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
                 log_stats.zero_()
                 log_steps, t_log = 0, now
 
             if step % args.eval_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr, **summarize(eval_stats, eval_steps),
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
+                       **summarize(eval_stats, eval_steps),
                        "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
                 result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
                 elapsed += time.perf_counter() - t_start
-                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
+                           elapsed_s=elapsed)
                 metrics.append(row)
                 write_metrics(metrics_path, metrics)
                 print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
@@ -507,7 +518,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
         "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
         "classes": data["classes"],
-        "wall_time_s": elapsed, "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "wall_time_s": elapsed,
+        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }

@@ -61,34 +61,47 @@ ALGORITHM = "mixmatch"
 # Arguments
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
                    "(balanced over classes; 250/4000 in the paper), or 'all': every training image with a label")
-    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B (the unlabeled batch is B images too)")
-    p.add_argument("--k", type=int, default=2, help="K: weakly augmented views of each unlabeled image whose predictions are averaged to guess its label")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="labeled batch size B (the unlabeled batch is B images too)")
+    p.add_argument("--k", type=int, default=2, help="K: weakly augmented views of each unlabeled image whose "
+                   "predictions are averaged to guess its label")
     p.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T of the guessed labels")
     p.add_argument("--alpha", type=float, default=0.75, help="MixUp: lambda ~ Beta(alpha, alpha), one per example")
-    p.add_argument("--lambda-u", type=float, default=75.0, help="weight of the unlabeled (squared-error) loss once ramped up")
-    p.add_argument("--rampup-steps", type=int, default=16384, help="lambda_u ramps up linearly from 0 over this many steps")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts (Nesterov, cosine lr decay); "
+    p.add_argument("--lambda-u", type=float, default=75.0,
+                   help="weight of the unlabeled (squared-error) loss once ramped up")
+    p.add_argument("--rampup-steps", type=int, default=16384,
+                   help="lambda_u ramps up linearly from 0 over this many steps")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts "
+                   "(Nesterov, cosine lr decay); "
                    "adam: the MixMatch paper's (constant lr, weight decay w <- w (1 - wd lr) every step)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate; None means 0.03 with --optimizer sgd, 0.002 with adam")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (not on BatchNorm parameters and biases); None means 5e-4 with sgd, 0.02 with adam")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate; None means 0.03 with --optimizer sgd, 0.002 with adam")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (not on BatchNorm parameters and "
+                   "biases); None means 5e-4 with sgd, 0.02 with adam")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
-    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 steps in all by default)")
-    p.add_argument("--steps-per-epoch", type=int, default=1024, help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
-    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and checkpoint every this many steps")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
+                   "steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024,
+                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
+                   "checkpoint every this many steps")
     p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
     p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
     p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
-    p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
                    "--data-dir if missing), or folder: your own images (README, 'Your own data')")
     p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
                    "(the shorter side, then a centre crop); CIFAR images are 32")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
                    "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: runs/mixmatch_n<n-labeled>_seed<seed>, "
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
+                   "runs/mixmatch_n<n-labeled>_seed<seed>, "
                    "runs/mixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
@@ -119,7 +132,8 @@ def check_args(args: argparse.Namespace) -> None:
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
         (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
          "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
-        (args.depth >= 10 and (args.depth - 4) % 6 == 0, f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
         (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
     ]
     for ok, message in checks:
@@ -149,7 +163,8 @@ def guess_labels(logits_views: torch.Tensor, temperature: float) -> torch.Tensor
     return sharpen(probs, temperature)
 
 
-def sample_mixup(rng: np.random.Generator, n: int, alpha: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_mixup(rng: np.random.Generator, n: int, alpha: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp's random draws for n examples: lambda ~ Beta(alpha, alpha) for every example, as the reference
     does (libml/layers.py, MixMode.augment_pair draws a [batch, 1, 1, 1] lambda; the paper's eq. 8 is per
     pair too), and the permutation that shuffles W.
@@ -164,7 +179,8 @@ def sample_mixup(rng: np.random.Generator, n: int, alpha: float, device: torch.d
     return lam, perm
 
 
-def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor,
+          perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp of every example i with example perm[i] of the same pool, images and targets alike:
     l' = max(l, 1 - l), x'_i = l'_i x_i + (1 - l'_i) x_perm[i] (Section 3.3, eqs. 8-11).
 
@@ -301,7 +317,8 @@ def train_step(model, optimizer, x_l, y_l, x_u, y_u, lam, perm, ramp: float, arg
     k, b = x_u.shape[:2]
     # Label guessing: one pass per view in training mode, as the reference, leaving BatchNorm's running
     # statistics alone.
-    with torch.no_grad(), frozen_bn_statistics(model), torch.autocast(x_u.device.type, dtype=torch.bfloat16, enabled=amp):
+    with (torch.no_grad(), frozen_bn_statistics(model),
+          torch.autocast(x_u.device.type, dtype=torch.bfloat16, enabled=amp)):
         logits_u = torch.stack([model(normalize(view, *mean_std).contiguous(memory_format=torch.channels_last))
                                 for view in x_u])
     q = guess_labels(logits_u, args.temperature)
@@ -408,7 +425,7 @@ def prepare_run_dir(args: argparse.Namespace, labeled: torch.Tensor, lock: conte
     except BlockingIOError:
         raise DataError(f"another process is training in {args.out}; wait for it to finish, "
                         "or pass another --out") from None
-    stale = ("checkpoint.pt", "metrics.jsonl", "results.json", "diverged.json") if args.overwrite else ("diverged.json",)
+    stale = ["diverged.json"] + (["checkpoint.pt", "metrics.jsonl", "results.json"] if args.overwrite else [])
     for name in stale:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
@@ -579,7 +596,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     result = None
     try:
         while step < total_steps:
-            lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr  # Adam: constant, as the paper
+            # Adam: constant, as in the paper
+            lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
@@ -604,19 +622,21 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                 if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
                     return stop_diverged(args.out, step, mean["loss"], ckpt_step)
                 eta = (now - t_start) / (step - step_start) * (total_steps - step)
-                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} (x {mean['loss_x']:.3f}, u {mean['loss_u']:.4f}) "
-                      f"| w_u {args.lambda_u * mean['ramp']:.1f} | guess-acc {mean['pseudo_acc'] or 0:.2f} "
-                      f"| lr {lr:.4f} "
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
+                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.4f}) | w_u {args.lambda_u * mean['ramp']:.1f} "
+                      f"| guess-acc {mean['pseudo_acc'] or 0:.2f} | lr {lr:.4f} "
                       f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
                 log_stats.zero_()
                 log_steps, t_log = 0, now
 
             if step % args.eval_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr, **summarize(eval_stats, eval_steps),
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
+                       **summarize(eval_stats, eval_steps),
                        "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
                 result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
                 elapsed += time.perf_counter() - t_start
-                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"], elapsed_s=elapsed)
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
+                           elapsed_s=elapsed)
                 metrics.append(row)
                 write_metrics(metrics_path, metrics)
                 print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
@@ -642,7 +662,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
         "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
         "classes": data["classes"],
-        "wall_time_s": elapsed, "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "wall_time_s": elapsed,
+        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }

@@ -34,7 +34,6 @@ import gc
 import importlib
 import io
 import json
-import math
 import os
 import platform
 import re
@@ -45,7 +44,6 @@ import time
 import traceback
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and common.py live one level up
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import step_throughput  # noqa: E402
 from step_throughput import write_synthetic_cifar  # noqa: E402
 
 SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
@@ -337,31 +336,11 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
 
 
 def time_model_only(images: int, device: torch.device, s: dict, compile: bool, steps: int) -> float:
-    """images/s of forward + backward + SGD step of the same network on pre-made images, bf16 on CUDA."""
-    depth, widen = int(s["net"][1]), int(s["net"][3])
-    amp = device.type == "cuda"
+    """images/s of forward + backward + SGD step of the same network on pre-made images, bf16 on CUDA
+    (step_throughput.py's measurement, after a fresh dynamo state)."""
     torch._dynamo.reset()
-    model = common.WideResNet(depth=depth, widen_factor=widen).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=amp)
-    forward = torch.compile(model) if compile else model
-    x = torch.randn(images, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (images,), device=device)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(forward(x).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(max(3, steps // 5)):
-        step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(device)
-    return images * steps / (time.perf_counter() - start)
+    return step_throughput.time_model_only(images, device, int(s["net"][1]), int(s["net"][3]), compile, steps,
+                                           warmup=max(3, steps // 5))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -66,13 +66,14 @@ def time_script(algorithm: str, data_dir: str, args: argparse.Namespace) -> tupl
     return rows[1]["img_per_s"], images_per_step
 
 
-def time_model_only(images: int, args: argparse.Namespace) -> float:
-    """images/s of forward + backward + SGD step on pre-made tensors (the limit a training step can reach)."""
-    device = torch.device(args.device)
+def time_model_only(images: int, device: torch.device, depth: int, widen_factor: int, compile: bool, steps: int,
+                    warmup: int | None = None) -> float:
+    """images/s of forward + backward + SGD step on pre-made tensors (the limit a training step can reach);
+    bf16 on CUDA. benchmarks/gpu_check.py measures its model-only figures with this too."""
     amp = device.type == "cuda"
-    model = common.WideResNet(depth=args.depth, widen_factor=args.widen_factor).to(device, memory_format=torch.channels_last)
+    model = common.WideResNet(depth=depth, widen_factor=widen_factor).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=amp)
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model) if compile else model
     x = torch.randn(images, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (images,), device=device)
 
@@ -83,12 +84,12 @@ def time_model_only(images: int, args: argparse.Namespace) -> float:
         loss.backward()
         opt.step()
 
-    return images / timed(step, args.steps, device)
+    return images / timed(step, steps, device, warmup)
 
 
-def timed(fn, steps: int, device: torch.device) -> float:
-    """Seconds per call after `steps` warm-up calls, synchronising CUDA around the timed calls."""
-    for _ in range(steps):
+def timed(fn, steps: int, device: torch.device, warmup: int | None = None) -> float:
+    """Seconds per call after `warmup` (default: `steps`) warm-up calls, synchronising CUDA around the timed calls."""
+    for _ in range(steps if warmup is None else warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -128,8 +129,10 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             full, images = time_script(algorithm, data_dir, args)
             memory = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if on_cuda else "n/a"
-            model_only = time_model_only(images, args)
-            print(f"| {algorithm} | {images} | {full:.0f} | {model_only:.0f} | {full / model_only:.2f} | {memory} |", flush=True)
+            model_only = time_model_only(images, torch.device(args.device), args.depth, args.widen_factor,
+                                         args.compile, args.steps)
+            print(f"| {algorithm} | {images} | {full:.0f} | {model_only:.0f} | {full / model_only:.2f} | {memory} |",
+                  flush=True)
 
     # Augmentation alone, at the unlabeled batch size of FixMatch (mu = 7).
     x = torch.randint(0, 256, (7 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)

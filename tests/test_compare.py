@@ -112,7 +112,8 @@ def test_dry_run_prints_commands_and_marks_finished(tmp_path, capsys):
     out = str(tmp_path / "runs")
     os.makedirs(os.path.join(out, "fixmatch_n40_seed0"))
     open(os.path.join(out, "fixmatch_n40_seed0", "results.json"), "w").write("{}")
-    assert compare.main(["--algorithms", "fixmatch", "--n-labeled", "40", "250", "--out", out, "--dry-run", "--", "--mu", "3"]) == 0
+    assert compare.main(["--algorithms", "fixmatch", "--n-labeled", "40", "250", "--out", out, "--dry-run",
+                         "--", "--mu", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0].startswith("# finished: python ")
     assert lines[1].endswith(f"--n-labeled 250 --seed 0 --out {os.path.join(out, 'fixmatch_n250_seed0')} --mu 3")
@@ -190,7 +191,8 @@ def test_tiny_real_grid(cifar_dir, tmp_path):
     out = str(tmp_path / "runs")
     tiny = ["--data-dir", cifar_dir, "--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size", "8",
             "--epochs", "1", "--steps-per-epoch", "4", "--eval-every", "2", "--mu", "1"]
-    assert compare.main(["--algorithms", "supervised", "fixmatch", "--n-labeled", "10", "20", "--out", out, "--"] + tiny) == 0
+    grid = ["--algorithms", "supervised", "fixmatch", "--n-labeled", "10", "20", "--out", out]
+    assert compare.main(grid + ["--"] + tiny) == 0
     text = open(os.path.join(out, "results.md")).read()
     assert "| supervised |" in text and "| fixmatch |" in text and "10 labels | 20 labels" in text
     assert "Unfinished" not in text

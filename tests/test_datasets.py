@@ -21,6 +21,8 @@ sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
 from conftest import synthetic_images  # noqa: E402
+from test_flexmatch import FixedLogits  # noqa: E402
+from test_scripts import SCRIPTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Writers of the two layouts
@@ -392,18 +394,6 @@ def test_randaugment_translation_is_a_fraction_of_the_size():
         assert (out[0, :, :, size - shift:] == 0).all()
 
 
-class FixedLogits(torch.nn.Module):
-    """A stand-in network: the same logits for every call, plus a trainable bias so the optimizer has work."""
-
-    def __init__(self, logits: torch.Tensor):
-        super().__init__()
-        self.logits = logits
-        self.bias = torch.nn.Parameter(torch.zeros(logits.shape[1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.logits + self.bias
-
-
 @pytest.mark.parametrize("name", ["fixmatch", "flexmatch"])
 def test_pseudo_label_accuracy_counts_only_images_with_a_label(name):
     """y_u = -1 (an unlabeled/ image) is neither right nor wrong: the accuracies are over the images with a label,
@@ -457,13 +447,6 @@ def test_guessed_label_accuracy_is_a_ratio_of_sums_over_images_with_a_label(name
 # ----------------------------------------------------------------------------------------------------
 TINY = ["--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size", "4", "--epochs", "2",
         "--steps-per-epoch", "2", "--eval-every", "2", "--log-every", "2"]
-SCRIPT_FLAGS = {
-    "supervised": [],
-    "fixmatch": ["--mu", "2", "--threshold", "0.5"],
-    "flexmatch": ["--mu", "2", "--threshold", "0.5"],
-    "mixmatch": ["--k", "2", "--rampup-steps", "4"],
-    "remixmatch": ["--k-strong", "1", "--rampup-steps", "4", "--da-batches", "3"],
-}
 
 
 def _check_finished_run(out: str, num_classes: int, classes: list[str], n_labeled: int) -> list[dict]:
@@ -483,13 +466,13 @@ def _check_finished_run(out: str, num_classes: int, classes: list[str], n_labele
     return rows
 
 
-@pytest.mark.parametrize("name", list(SCRIPT_FLAGS))
+@pytest.mark.parametrize("name", list(SCRIPTS))
 def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_path):
     """All five on 3 unbalanced classes at 24x24, with extra unlabeled images (label -1) in the unlabeled set;
     --n-labeled all takes the 12 train/ images (an unbalanced split) for two of them."""
     n_labeled = "all" if name in ("supervised", "remixmatch") else "6"
     out = str(tmp_path / "run")
-    argv = TINY + SCRIPT_FLAGS[name] + ["--dataset", "folder", "--image-size", "24", "--data-dir", folder_dir,
+    argv = TINY + SCRIPTS[name] + ["--dataset", "folder", "--image-size", "24", "--data-dir", folder_dir,
                                         "--n-labeled", n_labeled, "--out", out]
     assert importlib.import_module(name).main(argv) == 0
     rows = _check_finished_run(out, 3, FOLDER_CLASSES, 12 if n_labeled == "all" else 6)
@@ -509,7 +492,7 @@ def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_pa
 @pytest.mark.parametrize("name", ["flexmatch", "remixmatch"])
 def test_scripts_run_on_cifar100(name, cifar100_dir, tmp_path):
     out = str(tmp_path / "run")
-    argv = TINY + SCRIPT_FLAGS[name] + ["--dataset", "cifar100", "--data-dir", cifar100_dir, "--n-labeled", "100",
+    argv = TINY + SCRIPTS[name] + ["--dataset", "cifar100", "--data-dir", cifar100_dir, "--n-labeled", "100",
                                         "--out", out]
     assert importlib.import_module(name).main(argv) == 0
     rows = _check_finished_run(out, 100, CIFAR100_NAMES, 100)
@@ -545,7 +528,7 @@ def test_scripts_bad_data_exits_2_with_one_line_and_nothing_on_disk(name, folder
     ]
     for extra, message in cases:
         out = tmp_path / "run"
-        assert importlib.import_module(name).main(TINY + SCRIPT_FLAGS[name] + extra + ["--out", str(out)]) == 2
+        assert importlib.import_module(name).main(TINY + SCRIPTS[name] + extra + ["--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, (extra, err)
         assert not out.exists()

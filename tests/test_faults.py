@@ -80,8 +80,8 @@ def test_huge_learning_rate_stops_as_diverged(name, cifar_dir, tmp_path):
     """--lr 1e6 through the real command line: exit 3, one line with the step and the loss, no results.json,
     and everything written is strict JSON."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, f"{name}.py"), *argv_for(name, cifar_dir, out, "--lr", "1e6")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    command = [sys.executable, os.path.join(ROOT, f"{name}.py"), *argv_for(name, cifar_dir, out, "--lr", "1e6")]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("\n") == 1 and "diverged" in proc.stderr and "at step" in proc.stderr
     assert not (out / "results.json").exists()
@@ -113,7 +113,8 @@ def test_divergence_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated"])
-def test_unreadable_checkpoint_exits_2_naming_the_file_and_the_ways_out(content, cifar_dir, tmp_path, monkeypatch, capsys):
+def test_unreadable_checkpoint_exits_2_naming_the_file_and_the_ways_out(content, cifar_dir, tmp_path, monkeypatch,
+                                                                         capsys):
     module = importlib.import_module("fixmatch")
     out = tmp_path / "run"
     interrupt_at_first_checkpoint(module, monkeypatch)
@@ -230,7 +231,8 @@ def test_progress_lines_follow_the_clock_and_start_after_three_steps(cifar_dir, 
     steps = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert steps == ["3/12", "12/12"]  # after 3 steps (the ETA), then the end
     monkeypatch.setattr(module, "PROGRESS_SECONDS", 0)  # every step is 30 s late
-    assert module.main(argv_for("supervised", cifar_dir, tmp_path / "b", "--log-every", "100", "--eval-every", "100")) == 0
+    argv = argv_for("supervised", cifar_dir, tmp_path / "b", "--log-every", "100", "--eval-every", "100")
+    assert module.main(argv) == 0
     steps = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert steps == [f"{i}/12" for i in range(1, 13)]
 
@@ -240,4 +242,5 @@ def test_help_shows_each_default_once(name, capsys):
     with pytest.raises(SystemExit):
         importlib.import_module(name).parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert f"(default: runs/{name}_n<n-labeled>_seed<seed>" in text and "(default: None)" not in text.split("--out")[1][:200]
+    assert f"(default: runs/{name}_n<n-labeled>_seed<seed>" in text
+    assert "(default: None)" not in text.split("--out")[1][:200]

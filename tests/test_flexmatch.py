@@ -58,7 +58,8 @@ def test_warmup_changes_nothing_once_a_class_outnumbers_the_unused_images():
 def test_unused_count_is_over_the_whole_unlabeled_set():
     # The same selected images, once among 6 images and once among 1000: only the warm-up denominator moves.
     few = class_thresholds(labels(0, 0, 1, -1, -1, -1), 2, 0.95, warmup=True, mapping="linear")
-    many = class_thresholds(torch.cat([labels(0, 0, 1), torch.full((997,), -1)]), 2, 0.95, warmup=True, mapping="linear")
+    many = class_thresholds(torch.cat([labels(0, 0, 1), torch.full((997,), -1)]), 2, 0.95, warmup=True,
+                            mapping="linear")
     assert few.tolist() == pytest.approx([0.95 * 2 / 3, 0.95 / 3], abs=1e-6)
     assert many.tolist() == pytest.approx([0.95 * 2 / 997, 0.95 / 997], abs=1e-6)
 

@@ -35,7 +35,8 @@ def test_distribution_alignment_hand_computed():
     aligned = distribution_alignment(probs, torch.full((3,), 1 / 3), torch.tensor([0.5, 0.25, 0.25]))
     assert close(aligned, [[1 / 3, 0.4, 4 / 15]])
     # A non-uniform p(y) and a renormalisation: [0.5 * 0.2/0.5, 0.5 * 0.8/0.5] = [0.2, 0.8].
-    aligned = distribution_alignment(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([0.2, 0.8]), torch.tensor([0.5, 0.5]))
+    aligned = distribution_alignment(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([0.2, 0.8]),
+                                     torch.tensor([0.5, 0.5]))
     assert close(aligned, [[0.2, 0.8], [0.18 / 0.26, 0.08 / 0.26]])
 
 
@@ -76,7 +77,8 @@ def test_guess_labels_align_then_sharpen():
     sq = torch.tensor([1 / 9, 0.16, 16 / 225])  # [1/3, 0.4, 4/15] squared
     assert close(q, (sq / sq.sum()).unsqueeze(0)) and not q.requires_grad
     # Alignment before sharpening, not after: the other order gives a different guess.
-    other = distribution_alignment(sharpen(torch.tensor([[0.5, 0.3, 0.2]]), 0.5), torch.full((3,), 1 / 3), torch.tensor([0.5, 0.25, 0.25]))
+    other = distribution_alignment(sharpen(torch.tensor([[0.5, 0.3, 0.2]]), 0.5), torch.full((3,), 1 / 3),
+                                   torch.tensor([0.5, 0.25, 0.25]))
     assert not close(q, other, 1e-3)
 
 
@@ -104,7 +106,8 @@ def test_shared_pieces_sharpen_mixup_interleave_ramp():
     x_mix, t_mix = mixup(x, t, torch.tensor([0.25, 0.6]), torch.tensor([1, 1]))  # lambda' = [0.75, 0.6]
     assert close(x_mix, [[0.75 * 1 + 0.25 * 3], [3.0]]) and close(t_mix, [[0.75, 0.25], [0.0, 1.0]])
     parts = [torch.arange(4) + 10 * i for i in range(4)]
-    assert [b.tolist() for b in interleave(parts)] == [[0, 10, 20, 30], [1, 11, 21, 31], [2, 12, 22, 32], [3, 13, 23, 33]]
+    expected = [[0, 10, 20, 30], [1, 11, 21, 31], [2, 12, 22, 32], [3, 13, 23, 33]]
+    assert [b.tolist() for b in interleave(parts)] == expected
     assert all(torch.equal(a, b) for a, b in zip(deinterleave(interleave(parts)), parts))
     assert [linear_rampup(s, 100) for s in (0, 25, 100, 101)] == [0.0, 0.25, 1.0, 1.0]
     logits = torch.tensor([[0.5, 0.5]]).log()
@@ -113,8 +116,8 @@ def test_shared_pieces_sharpen_mixup_interleave_ramp():
 
 def test_defaults_are_the_papers():
     a = parse_args([])
-    assert (a.k_strong, a.temperature, a.alpha, a.lambda_u, a.lambda_u1, a.lambda_rot, a.rampup_steps, a.da_batches) == \
-        (8, 0.5, 0.75, 1.5, 0.5, 0.5, 16384, 128)
+    assert (a.k_strong, a.temperature, a.alpha, a.lambda_u, a.lambda_u1, a.lambda_rot, a.rampup_steps,
+            a.da_batches) == (8, 0.5, 0.75, 1.5, 0.5, 0.5, 16384, 128)
     assert (a.optimizer, a.lr, a.weight_decay) == ("sgd", 0.03, 5e-4)
     assert (parse_args(["--optimizer", "adam"]).lr, parse_args(["--optimizer", "adam"]).weight_decay) == (0.002, 0.02)
 

@@ -48,7 +48,8 @@ def finished_run(request, cifar_dir, tmp_path_factory):
 
 def test_run_folder(finished_run):
     name, _, out = finished_run
-    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "results.json"]
+    expected = ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "results.json"]
+    assert sorted(os.listdir(out)) == expected
     rows = metrics(out)
     assert [r["step"] for r in rows] == [4, 8, 12]
     for r in rows:
@@ -151,11 +152,14 @@ SCRIPT_BAD_INPUT = {
     "fixmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
                  (["--threshold", "0"], "--threshold must be in (0, 1]")],
     "flexmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
-                  (["--threshold", "0"], "--threshold must be in (0, 1]"), (["--lambda-u", "-1"], "--lambda-u must be >= 0")],
+                  (["--threshold", "0"], "--threshold must be in (0, 1]"),
+                  (["--lambda-u", "-1"], "--lambda-u must be >= 0")],
     "mixmatch": [(["--k", "0"], "--k must be >= 1"), (["--temperature", "0"], "--temperature must be > 0"),
                  (["--alpha", "0"], "--alpha must be > 0"), (["--rampup-steps", "-1"], "--rampup-steps must be >= 0")],
-    "remixmatch": [(["--k-strong", "0"], "--k-strong must be >= 1"), (["--lambda-rot", "-1"], "--lambda-rot must be >= 0"),
-                   (["--da-batches", "0"], "--da-batches must be >= 1"), (["--temperature", "0"], "--temperature must be > 0")],
+    "remixmatch": [(["--k-strong", "0"], "--k-strong must be >= 1"),
+                   (["--lambda-rot", "-1"], "--lambda-rot must be >= 0"),
+                   (["--da-batches", "0"], "--da-batches must be >= 1"),
+                   (["--temperature", "0"], "--temperature must be > 0")],
 }
 
 
@@ -204,7 +208,8 @@ def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypa
     argv = TINY + SCRIPTS[name] + ["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]
     assert run_main(name, argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py") in err and "--data-dir" in err
+    searched = os.path.join(str(tmp_path / "nowhere"), "cifar-10-batches-py")
+    assert err.count("\n") == 1 and searched in err and "--data-dir" in err
     assert not (tmp_path / "run").exists()  # so the corrected command is not refused as "other arguments"
     assert not (tmp_path / "nowhere").exists()  # no empty folder that looks like a data set
 
