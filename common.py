@@ -440,7 +440,7 @@ def warp(x: torch.Tensor, src: torch.Tensor, fill: float = 0) -> torch.Tensor:
 #   "table":       a lookup table [n, 256] computed on the host from v alone (numpy);
 #   "pixel_table": a lookup table [n, C, 256] computed on the device from the images' pixels;
 #   "blend":       a degenerate image computed on the device, blended with the image (v is the enhance factor);
-#   "warp":        an affine matrix [n, 6] computed on the host from v; the host also turns it into a sampling grid.
+#   "warp":        an affine matrix [n, 6] computed on the host from v, turned into a sampling grid on the device.
 # Brightness is a blend with black, so its result depends on each pixel's value alone: a table.
 # ----------------------------------------------------------------------------------------------------
 def identity_table(v: np.ndarray) -> np.ndarray:
@@ -569,32 +569,52 @@ def translate_y_matrix(fraction: np.ndarray, h: int, w: int) -> np.ndarray:
     return _affine(len(fraction), f=fraction * h)
 
 
-def warp_source(matrix: np.ndarray, h: int, w: int) -> np.ndarray:
-    """The sampling grid of PIL Image.transform(size, AFFINE, matrix, NEAREST) for matrices [n, 6] =
-    (a, b, c, d, e, f): for every output pixel, the flattened index of the input pixel it takes, [n, 1, H * W],
-    and H * W for those that fall outside the image (they get the fill, PIL's default black).
+def warp_fixed_point(matrix: np.ndarray) -> np.ndarray:
+    """The host's part of PIL Image.transform(size, AFFINE, matrix, NEAREST) for matrices [n, 6] =
+    (a, b, c, d, e, f): [n, 2, 3] int64, for the source column and the source row, the sample point of output
+    pixel (0, 0) and its steps per output row and per output column, in Pillow's 16.16 fixed point.
 
     Output pixel (row i, column j) takes the input pixel under (a*(j+.5) + b*(i+.5) + c,
     d*(j+.5) + e*(i+.5) + f), floored. The arithmetic is Pillow's, so that sample points that fall exactly on
     a pixel edge land where they land in Pillow: 16.16 fixed point for a general matrix (Geometry.c,
     affine_fixed), floating point for a pure translation (Pillow's scale path).
     """
-    a, b, c, d, e, f = (matrix[:, k, None, None] for k in range(6))
-    i, j = np.arange(h).reshape(1, h, 1), np.arange(w).reshape(1, 1, w)
+    a, b, c, d, e, f = matrix.T
 
     def fix(t):  # to 16.16 fixed point, rounded as Pillow's FIX()
         return np.floor(t * 65536 + 0.5).astype(np.int64)
 
-    # The sample point of pixel (0, 0). A pure translation takes Pillow's floating-point path, which floors
-    # offset + j: the same as fixed point with the offset floored first.
+    # A pure translation takes Pillow's floating-point path, which floors offset + j: the same as fixed point
+    # with the offset floored first.
     ox, oy = c + 0.5 * a + 0.5 * b, f + 0.5 * d + 0.5 * e
     translation = (b == 0) & (d == 0)
     ox = np.where(translation, np.floor(ox).astype(np.int64) << 16, fix(ox))
     oy = np.where(translation, np.floor(oy).astype(np.int64) << 16, fix(oy))
-    u = (ox + i * fix(b) + j * fix(a)) >> 16  # source column
-    v = (oy + i * fix(e) + j * fix(d)) >> 16  # source row
-    inside = (u >= 0) & (u < w) & (v >= 0) & (v < h)
-    return np.where(inside, v * w + u, h * w).reshape(len(matrix), 1, h * w)
+    return np.stack([np.stack([ox, fix(b), fix(a)], 1), np.stack([oy, fix(e), fix(d)], 1)], 1)
+
+
+def warp_source(fixed: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The device's part: from warp_fixed_point's [n, 2, 3], for every output pixel the flattened index of the
+    input pixel it takes, [n, 1, H * W], and H * W for those that fall outside the image (they get the fill,
+    PIL's default black). Integer arithmetic, so every device computes the same grid."""
+    start, per_row, per_column = fixed.view(-1, 2, 3, 1, 1).unbind(2)  # each [n, 2, 1, 1]
+    i, j = _pixel_coordinates(h, w, fixed.device)
+    uv = (start + i * per_row + j * per_column) >> 16  # [n, 2, H, W]: source column, source row
+    inside = ((uv >= 0) & (uv < _image_size(h, w, fixed.device))).all(1)
+    u, v = uv.unbind(1)
+    return torch.where(inside, v * w + u, h * w).view(-1, 1, h * w)
+
+
+@functools.cache
+def _pixel_coordinates(h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column numbers, [1, 1, H, 1] and [1, 1, 1, W] int64 on `device`, made once."""
+    return (torch.arange(h, device=device).view(1, 1, h, 1), torch.arange(w, device=device).view(1, 1, 1, w))
+
+
+@functools.cache
+def _image_size(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(W, H) as [1, 2, 1, 1] int64 on `device`: the bounds of (column, row), made once."""
+    return torch.tensor([w, h], device=device).view(1, 2, 1, 1)
 
 
 # FixMatch's RandAugment pool: name -> (kind, function, low, high); each op's value is drawn uniformly
@@ -629,7 +649,7 @@ _SPAN = np.array([float(RANDAUGMENT_OPS[name][3] - RANDAUGMENT_OPS[name][2]) for
 
 def _plan_ops(op: np.ndarray, v: np.ndarray, h: int, w: int) -> tuple[np.ndarray, dict, list[np.ndarray]]:
     """The host's part of one round of ops: op [B] (indices into OP_NAMES) with values v [B] ->
-    (order: the images grouped as in _GROUPED, count of each op, [tables, blend factors, warp grid])."""
+    (order: the images grouped as in _GROUPED, count of each op, [tables, blend factors, warp_fixed_point])."""
     order = np.argsort(_RANK[op], kind="stable")  # stable: within a group, images keep their order
     v = v[order]
     counts = dict(zip(_GROUPED, np.bincount(_RANK[op], minlength=len(_GROUPED)).tolist()))
@@ -643,13 +663,13 @@ def _plan_ops(op: np.ndarray, v: np.ndarray, h: int, w: int) -> tuple[np.ndarray
             factors.append(values)
         elif kind == "warp" and len(values):
             matrices.append(fn(values, h, w))
-    grid = warp_source(np.concatenate(matrices), h, w)
+    fixed = warp_fixed_point(np.concatenate(matrices))
     # Tables travel as uint8, factors as float32 (blend's precision, rounded as torch rounds float64 to float32).
-    return order, counts, [np.concatenate(tables).astype(np.uint8), np.concatenate(factors).astype(np.float32), grid]
+    return order, counts, [np.concatenate(tables).astype(np.uint8), np.concatenate(factors).astype(np.float32), fixed]
 
 
 def _run_ops(x: torch.Tensor, counts: dict, tables: torch.Tensor, factors: torch.Tensor,
-             grid: torch.Tensor) -> torch.Tensor:
+             fixed: torch.Tensor) -> torch.Tensor:
     """The device's part of one round of ops, on images already grouped as in _GROUPED: one lookup, one
     blend and one warp, each on its own block of the batch; returns the images in the same order."""
     b, c, h, w = x.shape
@@ -675,7 +695,7 @@ def _run_ops(x: torch.Tensor, counts: dict, tables: torch.Tensor, factors: torch
         degenerate += [smooth(sharp_x)] if len(sharp_x) else []
         out.append(blend(torch.cat(degenerate) if len(degenerate) > 1 else degenerate[0], blend_x, factors))
     if len(warp_x):
-        out.append(warp(warp_x, grid))
+        out.append(warp(warp_x, warp_source(fixed, h, w)))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -686,12 +706,13 @@ def apply_op(name: str, x: torch.Tensor, v) -> torch.Tensor:
     return _run_ops(x, counts, *_send(arrays, x.device))
 
 
-def _cutout_masks(cy: np.ndarray, cx: np.ndarray, h: int, w: int, size: int, fill: int) -> list[np.ndarray]:
-    """(1 outside each image's square and 0 inside, fill inside and 0 outside), uint8 [B, 1, H, W]."""
-    rows, cols = np.arange(h).reshape(1, 1, h, 1), np.arange(w).reshape(1, 1, 1, w)
-    cy, cx = cy.reshape(-1, 1, 1, 1), cx.reshape(-1, 1, 1, 1)
-    box = (rows >= cy - size // 2) & (rows < cy + size // 2) & (cols >= cx - size // 2) & (cols < cx + size // 2)
-    return [(~box).astype(np.uint8), box.astype(np.uint8) * np.uint8(fill)]
+def _cutout_masks(centre: torch.Tensor, h: int, w: int, size: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the squares' centres [B, 2] (row, column) on the device: (1 outside each image's size x size square
+    and 0 inside, fill inside and 0 outside), uint8 [B, 1, H, W]; the square is clipped at the border."""
+    rows, cols = _pixel_coordinates(h, w, centre.device)
+    cy, cx, half = *centre.view(-1, 2, 1, 1, 1).unbind(1), size // 2
+    box = (rows >= cy - half) & (rows < cy + half) & (cols >= cx - half) & (cols < cx + half)
+    return (~box).to(torch.uint8), box.to(torch.uint8) * fill
 
 
 def _fill_box(x: torch.Tensor, keep: torch.Tensor, paint: torch.Tensor) -> torch.Tensor:
@@ -700,8 +721,8 @@ def _fill_box(x: torch.Tensor, keep: torch.Tensor, paint: torch.Tensor) -> torch
 
 def cutout(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int = 16, fill: int = 127) -> torch.Tensor:
     """Gray out a size x size square centred at (cy, cx) per image, clipped at the border (FixMatch's Cutout)."""
-    masks = _cutout_masks(np.asarray(cy.cpu()), np.asarray(cx.cpu()), x.shape[2], x.shape[3], size, fill)
-    return _fill_box(x, *_send(masks, x.device))
+    centre = torch.stack([torch.as_tensor(cy), torch.as_tensor(cx)], 1).to(x.device, torch.int64)
+    return _fill_box(x, *_cutout_masks(centre, x.shape[2], x.shape[3], size, fill))
 
 
 def _flip_translate_source(flip: np.ndarray, dy: np.ndarray, dx: np.ndarray, h: int, w: int) -> list[np.ndarray]:
@@ -731,7 +752,8 @@ def flip_translate(x: torch.Tensor, flip: torch.Tensor, dy: torch.Tensor, dx: to
 # ----------------------------------------------------------------------------------------------------
 # Weak and strong augmentation. Every draw comes from the CPU generator passed in, in a fixed order (the
 # generator state is what a checkpoint saves), and the random parameters of a whole call go to the device
-# in one copy.
+# in one copy. `views=K` gives K augmented copies of the batch with the draws of K calls in a row, in one
+# pass on the device: the same images as K calls, at a fraction of the operations (MixMatch, ReMixMatch).
 # ----------------------------------------------------------------------------------------------------
 def _draw_weak(generator: torch.Generator, b: int, h: int, w: int, max_shift: int) -> list[np.ndarray]:
     flip = torch.rand(b, generator=generator).numpy() < 0.5
@@ -739,17 +761,39 @@ def _draw_weak(generator: torch.Generator, b: int, h: int, w: int, max_shift: in
     return _flip_translate_source(flip, shift[0], shift[1], h, w)
 
 
-def _draw_randaugment(generator: torch.Generator, b: int, h: int, w: int, n_ops: int) -> tuple[list, list]:
+def _draw_ops(generator: torch.Generator, b: int, n_ops: int) -> list[list[np.ndarray]]:
+    """RandAugment's draws: per round, each image's op (an index into OP_NAMES) and its value in the op's range."""
+    rounds = []
+    for _ in range(n_ops):
+        op = torch.randint(0, len(OP_NAMES), (b,), generator=generator).numpy()
+        u = torch.rand(b, generator=generator, dtype=torch.float64).numpy()
+        rounds.append([op, _LO[op] + _SPAN[op] * u])
+    return rounds
+
+
+def _draw_strong(generator: torch.Generator, b: int, h: int, w: int, n_ops: int) -> list:
+    """Strong augmentation's draws: weak's, RandAugment's, and Cutout's centres [B, 2] (row, column)."""
+    weak = _draw_weak(generator, b, h, w, min(h, w) // 8)
+    ops = _draw_ops(generator, b, n_ops)
+    return [weak, ops, torch.randint(0, h, (2, b), generator=generator).numpy().T]
+
+
+def _join(views: list):
+    """The draws of several views, field by field (nested lists of arrays), concatenated view after view."""
+    if isinstance(views[0], np.ndarray):
+        return np.concatenate(views) if len(views) > 1 else views[0]
+    return [_join(list(field)) for field in zip(*views)]
+
+
+def _plan_randaugment(rounds_drawn: list[list[np.ndarray]], b: int, h: int, w: int) -> tuple[list, list]:
     """The host's part of RandAugment: per round, the op counts (Python) and the arrays the device needs.
 
     Between rounds the batch stays grouped by the previous round's ops: the arrays include, per round, the
     index that takes the previous grouping to this round's, and at the end the index back to the input order.
     """
     rounds, arrays, position = [], [], np.arange(b)  # position[i]: where image i is in the current grouping
-    for _ in range(n_ops):
-        op = torch.randint(0, len(OP_NAMES), (b,), generator=generator).numpy()
-        u = torch.rand(b, generator=generator, dtype=torch.float64).numpy()
-        order, counts, plan = _plan_ops(op, _LO[op] + _SPAN[op] * u, h, w)
+    for op, v in rounds_drawn:
+        order, counts, plan = _plan_ops(op, v, h, w)
         arrays += [position[order], *plan]
         rounds.append(counts)
         position = np.argsort(order)
@@ -758,17 +802,27 @@ def _draw_randaugment(generator: torch.Generator, b: int, h: int, w: int, n_ops:
 
 def _run_randaugment(x: torch.Tensor, rounds: list, tensors: list[torch.Tensor]) -> torch.Tensor:
     for r, counts in enumerate(rounds):
-        regroup, tables, factors, grid = tensors[4 * r:4 * r + 4]
-        x = _run_ops(x.index_select(0, regroup), counts, tables, factors, grid)
+        regroup, tables, factors, fixed = tensors[4 * r:4 * r + 4]
+        x = _run_ops(x.index_select(0, regroup), counts, tables, factors, fixed)
     return x.index_select(0, tensors[-1])
 
 
-def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int | None = None) -> torch.Tensor:
+def _repeat(x: torch.Tensor, views: int | None) -> torch.Tensor:
+    return x if views is None else x.repeat(views, 1, 1, 1)
+
+
+def _unflatten(x: torch.Tensor, views: int | None) -> torch.Tensor:
+    return x if views is None else x.unflatten(0, (views, -1))
+
+
+def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int | None = None,
+                 views: int | None = None) -> torch.Tensor:
     """FixMatch's weak augmentation: random horizontal flip, random translation by up to max_shift px, by default
-    12.5% of the image size (4 px at 32x32, as FixMatch)."""
+    12.5% of the image size (4 px at 32x32, as FixMatch). With `views`: [views, B, ...], as `views` calls."""
     b, _, h, w = x.shape
     max_shift = min(h, w) // 8 if max_shift is None else max_shift
-    return _gather_pixels(x, *_send(_draw_weak(generator, b, h, w, max_shift), x.device))
+    source = _join([_draw_weak(generator, b, h, w, max_shift) for _ in range(views or 1)])
+    return _unflatten(_gather_pixels(_repeat(x, views), *_send(source, x.device)), views)
 
 
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
@@ -776,22 +830,22 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
     (with replacement, independently for every image) with a value drawn uniformly from its range. Every
     drawn op is applied (TorchSSL, USB), not with probability 0.5 as in google-research/fixmatch."""
     b, _, h, w = x.shape
-    rounds, arrays = _draw_randaugment(generator, b, h, w, n_ops)
+    rounds, arrays = _plan_randaugment(_draw_ops(generator, b, n_ops), b, h, w)
     return _run_randaugment(x, rounds, _send(arrays, x.device))
 
 
-def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2,
-                   cutout_size: int | None = None) -> torch.Tensor:
+def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2, cutout_size: int | None = None,
+                   views: int | None = None) -> torch.Tensor:
     """FixMatch's strong augmentation: weak, then RandAugment (2 random ops with random magnitudes per
-    image), then Cutout (a gray square at a random position, by default of half the image size: 16 px at 32)."""
+    image), then Cutout (a gray square at a random position, by default of half the image size: 16 px at 32).
+    With `views`: [views, B, ...], the images of `views` calls in a row."""
     b, _, h, w = x.shape
-    weak = _draw_weak(generator, b, h, w, min(h, w) // 8)
-    rounds, ops = _draw_randaugment(generator, b, h, w, n_ops)
-    centre = torch.randint(0, h, (2, b), generator=generator).numpy()
+    weak, ops, centre = _join([_draw_strong(generator, b, h, w, n_ops) for _ in range(views or 1)])
+    rounds, arrays = _plan_randaugment(ops, len(centre), h, w)
+    tensors = _send(weak + arrays + [centre], x.device)
+    x = _run_randaugment(_gather_pixels(_repeat(x, views), *tensors[:2]), rounds, tensors[2:-1])
     size = h // 2 if cutout_size is None else cutout_size
-    tensors = _send(weak + ops + _cutout_masks(centre[0], centre[1], h, w, size, 127), x.device)
-    x = _run_randaugment(_gather_pixels(x, *tensors[:2]), rounds, tensors[2:-2])
-    return _fill_box(x, *tensors[-2:])
+    return _unflatten(_fill_box(x, *_cutout_masks(tensors[-1], h, w, size, 127)), views)
 
 
 # ----------------------------------------------------------------------------------------------------

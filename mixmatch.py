@@ -603,7 +603,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
             x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
             u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_u = torch.stack([weak_augment(u, aug_generator) for _ in range(args.k)])
+            x_u = weak_augment(u, aug_generator, views=args.k)  # [K, B, ...]
             lam, perm = sample_mixup(mixup_rng, (1 + args.k) * args.batch_size, args.alpha, device)
             ramp = linear_rampup(step, args.rampup_steps)
             step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_u, train_y[idx_u], lam, perm, ramp,

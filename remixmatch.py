@@ -699,7 +699,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             x_l = augment_labeled(train_x.index_select(0, idx_l), aug_generator)
             u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_uw = weak_augment(u, aug_generator)
-            x_us = torch.stack([strong_augment(u, aug_generator) for _ in range(args.k_strong)])
+            x_us = strong_augment(u, aug_generator, views=args.k_strong)  # [K, B, ...]
             lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)
             ramp = linear_rampup(step, args.rampup_steps)
             step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, train_y[idx_u], lam, perm,

@@ -97,7 +97,7 @@ def median_seconds(pipelines: dict, repeats: int, warmup: int, sync) -> dict[str
 VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::slice", "aten::select", "aten::split_with_sizes",
             "aten::unsqueeze", "aten::detach", "aten::alias", "aten::resolve_conj", "aten::resolve_neg",
             "aten::lift_fresh"}
-HOST_FUNCTIONS = {"_draw_weak", "_draw_randaugment", "rotate_matrix", "strong_augment"}
+HOST_FUNCTIONS = {"_draw_weak", "_draw_ops", "_draw_strong", "rotate_matrix"}
 
 
 def count_ops(fn) -> tuple[int, dict[str, int]]:

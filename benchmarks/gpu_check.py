@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,13 @@ def graphs_compiled() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def sync_messages(caught: list) -> list[str]:
+    """The first lines of set_sync_debug_mode's warnings among `caught`, one per host synchronisation (its
+    one-time notice that the mode is a prototype feature is not one)."""
+    return [str(w.message).splitlines()[0] for w in caught
+            if "synchroniz" in str(w.message) and "prototype feature" not in str(w.message)]
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -120,11 +128,18 @@ def photo_like(n: int, seed: int = 0) -> torch.Tensor:
 # 1. The device against the CPU
 # ----------------------------------------------------------------------------------------------------
 def count_ops(fn, device: torch.device) -> dict:
-    """Top-level aten operations of one call of fn, and on CUDA the kernels it launched."""
+    """Top-level aten operations of one call of fn, on CUDA the kernels it launched, and the host's CPU time per
+    call in ms (the median of 5; on CUDA the kernels run asynchronously, so this is planning and launching)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     synchronize(device)
+    host = []
+    for _ in range(5):
+        start = time.thread_time()
+        fn()
+        host.append(1000 * (time.thread_time() - start))
+        synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         fn()
@@ -141,7 +156,7 @@ def count_ops(fn, device: torch.device) -> dict:
     events = prof.events()
     ops = sum(1 for e in events if e.name.startswith("aten::") and e.device_type.name == "CPU" and top_level(e))
     kernels = sum(1 for e in events if e.device_type.name == "CUDA") if device.type == "cuda" else None
-    return {"aten_ops": ops, "cuda_kernels": kernels}
+    return {"aten_ops": ops, "cuda_kernels": kernels, "host_ms": statistics.median(host)}
 
 
 def fixmatch_step(device: torch.device, depth: int, widen: int, x: torch.Tensor, y: torch.Tensor, batch: int,
@@ -197,8 +212,7 @@ def count_syncs(device: torch.device, s: dict) -> dict:
                 step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    messages = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
-    return {"syncs": sum(1 for w in caught if "synchroniz" in str(w.message)), "messages": messages[:10]}
+    return {"syncs": len(sync_messages(caught)), "messages": sorted(set(sync_messages(caught)))[:10]}
 
 
 def part_devices(device: torch.device, s: dict, depth_width: tuple[int, int]) -> dict:
@@ -299,9 +313,10 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
     torch._dynamo.reset()  # each run's model is new: start from empty in-memory caches (the disk cache stays)
     from torch._dynamo.utils import counters
     counters.clear()
-    graphs, syncs = [], []
+    graphs, syncs, host_times = [], [], []
 
     def step_counting_graphs(*args, **kwargs):
+        host_times.append(time.thread_time())  # the host's CPU time: what it spends per loop iteration
         # Host synchronisations inside the step, counted in the untimed first window after the first step.
         if device.type == "cuda" and 1 <= len(graphs) < s["steps"]:
             with warnings.catch_warnings(record=True) as caught:
@@ -311,7 +326,7 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
                     stats = step(*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
-            syncs.append(sum(1 for w in caught if "synchroniz" in str(w.message)))
+            syncs.append(len(sync_messages(caught)))
         else:
             stats = step(*args, **kwargs)
         graphs.append(graphs_compiled())
@@ -328,7 +343,9 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
     wall = time.perf_counter() - start
     images = int(re.search(r"steps of (\d+) images", stdout)[1])
     img_per_s = read_metrics(out)[1]["img_per_s"]
+    per_step = [b - a for a, b in zip(host_times[-s["steps"]:], host_times[-s["steps"] + 1:])]
     return {"images_per_step": images, "img_per_s": img_per_s, "step_ms": 1000 * images / img_per_s,
+            "host_ms": 1000 * statistics.median(per_step) if per_step else None,
             "peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
             "graphs_first_step": graphs[0] if compile else None,
             "recompilations_after_first_step": graphs[-1] - graphs[0] if compile else None, "wall_s": wall,
@@ -341,6 +358,37 @@ def time_model_only(images: int, device: torch.device, s: dict, compile: bool, s
     torch._dynamo.reset()
     return step_throughput.time_model_only(images, device, int(s["net"][1]), int(s["net"][3]), compile, steps,
                                            warmup=max(3, steps // 5))
+
+
+def time_model_graphed(images: int, device: torch.device, s: dict, steps: int) -> dict:
+    """The model-only step (bf16 autocast, fused SGD) captured in one CUDA graph and replayed: the GPU's own time
+    for the network's kernels, with no host overhead at all; the floor of any full step on this GPU."""
+    torch._dynamo.reset()
+    model = common.WideResNet(depth=int(s["net"][1]), widen_factor=int(s["net"][3])).to(
+        device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
+    x = torch.randn(images, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (images,), device=device)
+
+    def step():
+        opt.zero_grad(set_to_none=False)  # in place: a graph replays on the same gradient tensors
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache inside a graph
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream(device)  # warm-up (momentum buffers, cuDNN's choices) off the default stream
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    seconds = step_throughput.timed(graph.replay, steps, device)
+    return {"images": images, "img_per_s": images / seconds, "step_ms": 1000 * seconds,
+            "projected_2pow20_h": 2 ** 20 * seconds / 3600}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -437,6 +485,7 @@ def markdown(report: dict) -> str:
         lines += [f"Per call on {report['aug_batch']} images: " + ", ".join(
             f"`{k}` {v['aten_ops']} top-level aten ops"
             + (f", {v['cuda_kernels']} CUDA kernels and copies" if v["cuda_kernels"] is not None else "")
+            + f", {v['host_ms']:.1f} ms of host CPU time"
             for k, v in ops.items())
             + ".", ""]
     lines += ["## 2. Exact resume", ""]
@@ -444,25 +493,36 @@ def markdown(report: dict) -> str:
         lines += checks_table(parts["resume"]["checks"])
     lines += ["## 3. Speed", "", "The real training loop on synthetic data; the second window of "
               f"{report['sizes']['steps']} steps is timed. Model-only: forward + backward + SGD step of the same "
-              "network on as many pre-made images.", "",
-              "| script | compiled | images/step | step (ms) | images/s | model-only images/s | full / model-only "
-              "| peak memory (MiB) | graphs compiled in step 1 | recompilations after | host syncs per train_step |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "network on as many pre-made images. Host CPU: the main thread's CPU time per loop iteration (median); "
+              "near the step time, the host is the bottleneck.", "",
+              "| script | compiled | images/step | step (ms) | host CPU (ms) | images/s | model-only images/s "
+              "| full / model-only | peak memory (MiB) | graphs compiled in step 1 | recompilations after "
+              "| host syncs per train_step |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in parts.get("speed", {}).get("rows", []):
         if "error" in r or "skipped" in r:
             lines.append(f"| {r['script']} | {'yes' if r['compile'] else 'no'} | {r.get('error') or r['skipped']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
 
         def fmt(v, spec):
             return "n/a" if v is None else format(v, spec)
 
         lines.append(f"| {r['script']} | {'yes' if r['compile'] else 'no'} | {r['images_per_step']} | "
-                     f"{r['step_ms']:.1f} | {r['img_per_s']:.0f} | {r['model_only_img_per_s']:.0f} | "
+                     f"{r['step_ms']:.1f} | {fmt(r['host_ms'], '.1f')} | {r['img_per_s']:.0f} | "
+                     f"{r['model_only_img_per_s']:.0f} | "
                      f"{r['img_per_s'] / r['model_only_img_per_s']:.2f} | {fmt(r['peak_mib'], '.0f')} | "
                      f"{fmt(r['graphs_first_step'], 'd')} | {fmt(r['recompilations_after_first_step'], 'd')} | "
                      f"{fmt(r['syncs_per_step'], '.1f')} |")
     lines += [""]
+    graphed = parts.get("speed", {}).get("graphed", {})
+    if "img_per_s" in graphed:
+        lines += [f"The model-only step on {graphed['images']} images (FixMatch's) captured in one CUDA graph and "
+                  f"replayed, so with no host overhead at all: {graphed['img_per_s']:.0f} images/s, "
+                  f"{graphed['step_ms']:.1f} ms per step, {graphed['projected_2pow20_h']:.2f} h for 2^20 steps: the "
+                  "floor of FixMatch's wall time on this GPU with these kernels.", ""]
+    elif graphed:
+        lines += [f"Model-only step in one CUDA graph: {graphed.get('error') or graphed.get('skipped')}", ""]
     lines += ["## 4. Real run", ""]
     real = parts.get("real_run", {})
     if "evaluations" in real:
@@ -553,6 +613,9 @@ def main() -> int:
                     compile_s = row["wall_s"] if compile else compile_s
                 rows.append(row)
         parts["speed"] = {"rows": rows} if "speed" in args.parts else {"skipped": "not asked for (--parts)"}
+        if device.type == "cuda" and "speed" in args.parts:  # FixMatch's images per step
+            parts["speed"]["graphed"] = attempt("speed", lambda: time_model_graphed(
+                s["batch"] * 15, device, s, max(s["steps"], 20)), 15)
 
         if not has_cifar:
             parts["real_run"] = {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"}

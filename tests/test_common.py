@@ -194,6 +194,34 @@ def test_augment_dtype_shape_and_seed(photo_like_images, augment):
     assert f.dtype == torch.float32 and torch.equal(f, a.float())
 
 
+@pytest.mark.parametrize("augment", [common.weak_augment, common.strong_augment])
+def test_views_are_the_images_and_draws_of_calls_in_a_row(photo_like_images, augment):
+    x = photo_like_images[:24]
+    g, replay = generator_pair(13)
+    out = augment(x, g, views=3)
+    calls = torch.stack([augment(x, replay) for _ in range(3)])
+    assert out.shape == (3, *x.shape) and torch.equal(out, calls)
+    assert torch.equal(g.get_state(), replay.get_state())  # the next draws are the same too
+    assert not torch.equal(out[0], out[1])
+
+
+def test_cutout_odd_size_hand_computed():
+    x = torch.zeros(1, 1, 6, 6, dtype=torch.uint8)
+    out = common.cutout(x, cy=torch.tensor([2]), cx=torch.tensor([3]), size=3, fill=9)
+    expected = x.clone()
+    expected[0, 0, 1:3, 2:4] = 9  # size // 2 = 1 either side of the centre, end exclusive: 2 x 2
+    assert torch.equal(out, expected)
+
+
+def test_warp_source_hand_computed():
+    # Shear x by 0.5 on a 4 x 4 image: output pixel (i, j) samples column floor(j + .5 + 0.5 * (i + .5)).
+    matrix = np.array([[1.0, 0.5, 0.0, 0.0, 1.0, 0.0]])
+    src = common.warp_source(torch.from_numpy(common.warp_fixed_point(matrix)), 4, 4).view(4, 4)
+    columns = [[0, 1, 2, 3], [1, 2, 3, None], [1, 2, 3, None], [2, 3, None, None]]
+    expected = [[i * 4 + c if c is not None else 16 for c in row] for i, row in enumerate(columns)]
+    assert src.tolist() == expected
+
+
 def test_strong_augment_is_weak_randaugment_cutout(photo_like_images):
     x = photo_like_images
     g, replay = generator_pair(8)
