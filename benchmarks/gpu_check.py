@@ -172,8 +172,9 @@ def fixmatch_step(device: torch.device, depth: int, widen: int, x: torch.Tensor,
     x, y = x.to(device), y.to(device)
     u = x[batch:batch * (1 + mu)]
     x_l, x_uw, x_us = common.weak_augment(x[:batch], g), common.weak_augment(u, g), common.strong_augment(u, g)
-    stats = fixmatch.train_step(model, optimizer, x_l, y[:batch], x_uw, x_us, y[batch:batch * (1 + mu)], args, False)
-    return stats.cpu(), [p.detach().cpu() for p in model.parameters()]
+    stats, labels, mask = fixmatch.train_step(model, optimizer, x_l, y[:batch], x_uw, x_us, args, False)
+    stats = {**stats, **fixmatch.pseudo_label_stats(labels, mask, y[batch:batch * (1 + mu)])}
+    return torch.stack(list(stats.values())).cpu(), [p.detach().cpu() for p in model.parameters()]
 
 
 def count_syncs(device: torch.device, s: dict) -> dict:
@@ -197,8 +198,9 @@ def count_syncs(device: torch.device, s: dict) -> dict:
         x_l = common.weak_augment(data.index_select(0, idx_l), g)
         u = data.index_select(0, idx_u)
         x_uw, x_us = common.weak_augment(u, g), common.strong_augment(u, g)
-        fixmatch.train_step(model, optimizer, x_l, labels[idx_l], x_uw, x_us, labels[idx_u], args, amp)
+        _, pseudo, mask = fixmatch.train_step(model, optimizer, x_l, labels[idx_l], x_uw, x_us, args, amp)
         fixmatch.ema_update(ema, model, args.ema_decay)
+        torch.stack(list(fixmatch.pseudo_label_stats(pseudo, mask, labels[idx_u]).values()))
 
     step()
     if device.type != "cuda":
@@ -448,8 +450,12 @@ def cpu_model() -> str:
 
 def environment(device: torch.device) -> dict:
     try:
-        commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        git = ["git", "-C", ROOT]
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 timeout=10).stdout.strip() or None
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                 text=True, timeout=10).stdout.strip()
+        commit = f"{commit} with uncommitted changes" if commit and changed else commit  # the code run is not HEAD's
     except (OSError, subprocess.SubprocessError):
         commit = None
     env = {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),

@@ -408,38 +408,45 @@ def test_pseudo_label_accuracy_counts_only_images_with_a_label(name):
     image = lambda n: torch.zeros(n, 3, 8, 8, dtype=torch.uint8)  # noqa: E731 (the stand-in ignores the pixels)
 
     def step(y_u):
-        batch = (model, optimizer, image(2), torch.tensor([0, 1]), image(5), image(5), y_u)
+        """The loop's statistics of one step: the algorithm's, then the diagnostic that reads y_u."""
+        batch = (model, optimizer, image(2), torch.tensor([0, 1]), image(5), image(5))
         if name == "flexmatch":  # every image's latest confident class is 1: T(1) = 0.9, T(0) = T(2) = 0
-            return module.train_step(*batch, torch.arange(5), torch.ones(5, dtype=torch.int64), args, False,
-                                     num_classes=3)
-        return module.train_step(*batch, args, False)
+            stats, labels, mask = module.train_step(*batch, torch.arange(5), torch.ones(5, dtype=torch.int64), args,
+                                                    False, num_classes=3)
+        else:
+            stats, labels, mask = module.train_step(*batch, args, False)
+        stats = {**stats, **module.pseudo_label_stats(labels, mask, y_u)}
+        return list(stats), torch.stack(list(stats.values()))
 
     y_u = torch.tensor([0, -1, 2, 2, -1])  # right, unknown, wrong, right, unknown
     used = [1, 1, 1, 1, 1] if name == "flexmatch" else [1, 1, 1, 0, 0]
     known_used = [u for u, y in zip(used, y_u.tolist()) if y >= 0]
     right_used = [u for u, y, p in zip(used, y_u.tolist(), [0, 1, 1, 2, 0]) if y >= 0 and y == p]
-    one = step(y_u)
-    row = module.summarize(one, 1)
+    names, one = step(y_u)
+    row = module.summarize(names, one, 1)
     assert row["mask_rate"] == pytest.approx(sum(used) / 5)
     assert row["pseudo_acc"] == pytest.approx(2 / 3)  # of the 3 images with a label, 2 right
     assert row["pseudo_acc_masked"] == pytest.approx(sum(right_used) / sum(known_used))
     # A second step of unlabeled/ images only: the mask rate averages over both, the accuracies stay.
-    two = module.summarize(one + step(torch.full((5,), -1)), 2)
+    two = module.summarize(names, one + step(torch.full((5,), -1))[1], 2)
     assert two["mask_rate"] == pytest.approx(sum(used) / 5)
     assert two["pseudo_acc"] == pytest.approx(2 / 3)
     assert two["pseudo_acc_masked"] == pytest.approx(sum(right_used) / sum(known_used))
-    nothing = module.summarize(step(torch.full((5,), -1)), 1)
+    nothing = module.summarize(*step(torch.full((5,), -1)), 1)
     assert nothing["pseudo_acc"] is None and nothing["pseudo_acc_masked"] is None and nothing["mask_rate"] > 0
 
 
 @pytest.mark.parametrize("name", ["mixmatch", "remixmatch"])
 def test_guessed_label_accuracy_is_a_ratio_of_sums_over_images_with_a_label(name):
     module = importlib.import_module(name)
-    # Per step: ..., pseudo_acc = fraction of the batch right (-1 never is), known_rate = fraction with a label.
-    pad = [0.0] * (len(module.STATS) - 2)
-    steps = torch.tensor([pad + [0.5, 0.75], pad + [0.0, 0.0], pad + [0.25, 0.25]])  # the middle: unlabeled/ only
-    assert module.summarize(steps.sum(0), 3)["pseudo_acc"] == pytest.approx(0.75 / 1.0)
-    assert module.summarize(steps[1], 1)["pseudo_acc"] is None
+    # The guessed label is argmax q, without a mask: 2 images, one right, one without a label (-1).
+    stats = module.pseudo_label_stats(torch.tensor([3, 1]), None, torch.tensor([3, -1]))
+    assert list(stats) == ["pseudo_acc", "known_rate"] and [v.item() for v in stats.values()] == [0.5, 0.5]
+    # Per step: pseudo_acc = fraction of the batch right (-1 never is), known_rate = fraction with a label.
+    names = ["loss", "pseudo_acc", "known_rate"]
+    steps = torch.tensor([[1.0, 0.5, 0.75], [1.0, 0.0, 0.0], [1.0, 0.25, 0.25]])  # the middle: unlabeled/ only
+    assert module.summarize(names, steps.sum(0), 3)["pseudo_acc"] == pytest.approx(0.75 / 1.0)
+    assert module.summarize(names, steps[1], 1)["pseudo_acc"] is None
 
 
 # ----------------------------------------------------------------------------------------------------

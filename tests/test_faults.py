@@ -100,8 +100,10 @@ def test_divergence_keeps_the_last_good_checkpoint(cifar_dir, tmp_path, monkeypa
 
     def nan_after_five_steps(*args, **kwargs):
         calls.append(1)
-        stats = step(*args, **kwargs)
-        return stats * float("nan") if len(calls) > 5 else stats
+        stats, labels, mask = step(*args, **kwargs)
+        if len(calls) > 5:
+            stats = {**stats, "loss": stats["loss"] * float("nan")}
+        return stats, labels, mask
 
     monkeypatch.setattr(module, "train_step", nan_after_five_steps)
     out = tmp_path / "run"

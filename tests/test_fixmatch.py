@@ -90,9 +90,20 @@ def test_ema_update_hand_computed():
 def test_summarize_pseudo_label_accuracy_over_confident_images():
     # Two steps: mask rates 0.5 and 0.25, confident-and-correct rates 0.25 and 0.25 -> 0.25 / 0.375. Every true
     # label is known (the last two entries: the known rate 1, and the masked known rate, the mask rate).
+    names = ["loss", "loss_x", "loss_u", "mask_rate", "masked_correct_rate", "pseudo_acc", "known_rate",
+             "masked_known_rate"]
     stats = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.25, 0.6, 1, 0.5], [3.0, 1.5, 1.5, 0.25, 0.25, 0.8, 1, 0.25]]).sum(0)
-    mean = fixmatch.summarize(stats, 2)
+    mean = fixmatch.summarize(names, stats, 2)
     assert mean["mask_rate"] == pytest.approx(0.375) and mean["pseudo_acc_masked"] == pytest.approx(0.25 / 0.375)
     assert mean["loss"] == pytest.approx(2.0) and "masked_correct_rate" not in mean
     assert mean["pseudo_acc"] == pytest.approx(0.7) and "known_rate" not in mean and "masked_known_rate" not in mean
-    assert fixmatch.summarize(torch.tensor([1.0, 1, 0, 0, 0, 0.5, 1, 0]), 1)["pseudo_acc_masked"] is None
+    assert fixmatch.summarize(names, torch.tensor([1.0, 1, 0, 0, 0, 0.5, 1, 0]), 1)["pseudo_acc_masked"] is None
+    assert list(mean) == ["loss", "loss_x", "loss_u", "mask_rate", "pseudo_acc", "pseudo_acc_masked"]
+
+
+def test_pseudo_label_stats_hand_computed():
+    # Pseudo-labels 0, 1, 2, 2 with mask 1, 1, 0, 1; true labels 0, 2, 2, -1 (the last one unknown).
+    stats = fixmatch.pseudo_label_stats(torch.tensor([0, 1, 2, 2]), torch.tensor([1.0, 1, 0, 1]),
+                                        torch.tensor([0, 2, 2, -1]))
+    assert list(stats) == ["masked_correct_rate", "pseudo_acc", "known_rate", "masked_known_rate"]
+    assert [v.item() for v in stats.values()] == [0.25, 0.5, 0.75, 0.5]

@@ -13,7 +13,9 @@ from test_scripts import ROOT, SCRIPTS
 # Functions that must be the same, letter for letter, in all five scripts: the shared plumbing and recipe.
 SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_dir", "strict", "write_atomic",
           "write_json", "write_metrics", "read_metrics", "save_checkpoint", "format_time", "warn_if_slow",
-          "stop_diverged", "stop_interrupted", "main"]
+          "stop_diverged", "stop_interrupted", "main", "summarize", "training_state", "restore_training_state"]
+# The same in the four semi-supervised scripts (the supervised baseline has no pseudo-labels).
+SHARED_SSL = ["pseudo_label_stats"]
 SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED", "PROGRESS_SECONDS"]
 
 
@@ -23,6 +25,14 @@ def test_shared_functions_are_identical_in_every_script(function):
     reference = sources["fixmatch"]
     drifted = [name for name, source in sources.items() if source != reference]
     assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all five copies alike"
+
+
+@pytest.mark.parametrize("function", SHARED_SSL)
+def test_shared_ssl_functions_are_identical_in_every_semi_supervised_script(function):
+    names = [name for name in SCRIPTS if name != "supervised"]
+    sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in names}
+    drifted = [name for name, source in sources.items() if source != sources["fixmatch"]]
+    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all four copies alike"
 
 
 def test_shared_constants_are_identical_in_every_script():
