@@ -15,8 +15,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mixmatch import (deinterleave, forward_interleaved, frozen_bn_statistics, guess_labels, interleave,  # noqa: E402
-                      linear_rampup, make_optimizer, mixmatch_unlabeled_loss, mixup, parse_args, sample_mixup,
-                      sharpen, soft_cross_entropy, train_step)
+                      linear_rampup, make_optimizer, mixmatch_unlabeled_loss, mixup, parse_args, pseudo_label_stats,
+                      sample_mixup, sharpen, soft_cross_entropy, train_step)
 
 
 def close(a: torch.Tensor, b, tol: float = 1e-6) -> bool:
@@ -194,7 +194,7 @@ def test_optimizer_choice_and_its_defaults():
 
 
 def test_train_step_runs_and_reports_its_statistics():
-    from common import WideResNet
+    from common import WideResNet, normalize
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen_factor=1)
     args = argparse.Namespace(temperature=0.5, lambda_u=75.0)
@@ -206,9 +206,20 @@ def test_train_step_runs_and_reports_its_statistics():
     y_l, y_u = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
     lam, perm = sample_mixup(np.random.default_rng(0), (k + 1) * b, 0.75, torch.device("cpu"))
     w = model.fc.weight.detach().clone()
-    stats = train_step(model, opt, x_l, y_l, x_u, y_u, lam, perm, 0.5, args, amp=False)
-    loss, loss_x, loss_u, ramp, acc, known = stats.tolist()
-    assert known == 1  # every true label is known here
+    before = copy.deepcopy(model)
+    stats, q = train_step(model, opt, x_l, y_l, x_u, lam, perm, 0.5, args, amp=False)
+    # Named 0-dim statistics on the device, without gradient (the loop sums them with no host sync).
+    assert list(stats) == ["loss", "loss_x", "loss_u", "ramp"]
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+    loss, loss_x, loss_u, ramp = (v.item() for v in stats.values())
     assert math.isclose(loss, loss_x + 75.0 * 0.5 * loss_u, rel_tol=1e-5)
-    assert ramp == 0.5 and 0 <= acc <= 1 and 0 < loss_u < 1
+    assert ramp == 0.5 and 0 < loss_u < 1
     assert not torch.equal(model.fc.weight, w)  # the step changed the weights
+    # q: the sharpened average of the predictions of the model before the step over the K views, without gradient.
+    with torch.no_grad(), frozen_bn_statistics(before):
+        expected = guess_labels(torch.stack([before(normalize(view)) for view in x_u]), 0.5)
+    assert q.shape == (b, 10) and not q.requires_grad and close(q, expected, 1e-5)
+    # The loop's diagnostic of the guessed label argmax q, without a mask: every true label is known here.
+    acc = pseudo_label_stats(q.argmax(dim=1), None, y_u)
+    assert list(acc) == ["pseudo_acc", "known_rate"] and acc["known_rate"].item() == 1
+    assert acc["pseudo_acc"].item() == pytest.approx((q.argmax(dim=1) == y_u).float().mean().item())

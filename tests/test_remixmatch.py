@@ -1,6 +1,7 @@
 """ReMixMatch's pieces on hand-computed tensors: distribution alignment and the prediction history it reads,
 the guessed label, rotations, the pieces shared with MixMatch (sharpen, MixUp, interleave, ramp-up), and one
-training step wired from them (which view feeds p~, which weights ramp, the separate rotation head)."""
+training step wired from them (which view feeds p~, which weights ramp, the separate rotation head, the guessed
+labels it returns)."""
 
 import argparse
 import copy
@@ -9,15 +10,16 @@ import os
 import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import WideResNet, normalize  # noqa: E402
-from remixmatch import (PredictionHistory, deinterleave, distribution_alignment, guess_labels, interleave,  # noqa: E402
-                        labeled_distribution, linear_rampup, mixup, parse_args, rotate_batch, sample_mixup, sharpen,
-                        soft_cross_entropy, train_step)
+from remixmatch import (PredictionHistory, RotationHead, deinterleave, distribution_alignment,  # noqa: E402
+                        guess_labels, interleave, labeled_distribution, linear_rampup, mixup, parse_args,
+                        pseudo_label_stats, rotate_batch, sample_mixup, sharpen, soft_cross_entropy, train_step)
 
 
 def close(a: torch.Tensor, b, tol: float = 1e-6) -> bool:
@@ -125,8 +127,31 @@ def test_defaults_are_the_papers():
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen_factor=1)
-    model.rot_head = nn.Linear(model.num_features, 4)
+    model.rot_head = RotationHead(model.num_features)  # as train() attaches it
     return model
+
+
+def test_rotation_head_is_the_former_inline_linear_head():
+    """RotationHead draws what the head attached inline in train() drew (nn.Linear's initialisation, then the
+    reference's Glorot-normal weights and zero bias), from the same random stream, and saves under the same
+    state_dict keys: runs reproduce and old checkpoints load."""
+    torch.manual_seed(0)
+    head = RotationHead(32)
+    after_head = torch.rand(1)
+    torch.manual_seed(0)
+    old = nn.Linear(32, 4)
+    nn.init.xavier_normal_(old.weight)
+    nn.init.zeros_(old.bias)
+    assert torch.equal(torch.rand(1), after_head)  # the same number of draws
+    assert isinstance(head, nn.Linear) and head.weight.shape == (4, 32)
+    assert torch.equal(head.weight, old.weight) and torch.equal(head.bias, torch.zeros(4))
+    model = make_model()
+    keys = list(model.state_dict())
+    assert keys[-2:] == ["rot_head.weight", "rot_head.bias"]  # after the class head, as before
+    assert [n for n, _ in model.named_parameters()][-2:] == ["rot_head.weight", "rot_head.bias"]
+    old_model = WideResNet(depth=10, widen_factor=1)
+    old_model.rot_head = nn.Linear(old_model.num_features, 4)
+    model.load_state_dict(old_model.state_dict())  # strict: an old checkpoint's model loads
 
 
 def step_inputs(b: int = 8, k: int = 2):
@@ -146,17 +171,28 @@ def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
     x_l, y_l, x_uw, x_us, y_u, lam, perm = step_inputs()
     history = PredictionHistory(10, 128, torch.device("cpu"))
     p_data = torch.full((10,), 0.1)
-    stats = train_step(model, opt, x_l, y_l, x_uw, x_us, y_u, lam, perm, 0.25, p_data, history, args, amp=False)
-    loss, loss_x, loss_u, loss_u1, loss_rot, ramp, acc, known = stats.tolist()
-    assert known == 1  # every true label is known here
+    stats, q = train_step(model, opt, x_l, y_l, x_uw, x_us, lam, perm, 0.25, p_data, history, args, amp=False)
+    # Named 0-dim statistics on the device, without gradient (the loop sums them with no host sync).
+    assert list(stats) == ["loss", "loss_x", "loss_u", "loss_u1", "loss_rot", "ramp"]
+    assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
+    loss, loss_x, loss_u, loss_u1, loss_rot, ramp = (v.item() for v in stats.values())
     # Only lambda_u and lambda_u1 carry the ramp; the rotation loss and L_x do not.
     assert math.isclose(loss, loss_x + 0.25 * (1.5 * loss_u + 0.5 * loss_u1) + 0.5 * loss_rot, rel_tol=1e-5)
-    assert ramp == 0.25 and 0 <= acc <= 1 and loss_rot > 0
+    assert ramp == 0.25 and loss_rot > 0
     # p~ was updated once, with the mean prediction on the weak view (train-mode BatchNorm, as in the step).
     assert history.pos == 1
     with torch.no_grad():
-        weak = torch.softmax(before(normalize(x_uw).contiguous(memory_format=torch.channels_last)), dim=1).mean(0)
+        logits_weak = before(normalize(x_uw).contiguous(memory_format=torch.channels_last))
+        weak = torch.softmax(logits_weak, dim=1).mean(0)
     assert torch.allclose(history.buffer[0], weak, atol=1e-5)
+    # q: the guess on the weak view of the model before the step, aligned with p~ as it was before the update
+    # (still uniform), then sharpened; without gradient.
+    expected = guess_labels(logits_weak, p_data, torch.full((10,), 0.1), 0.5)
+    assert q.shape == (8, 10) and not q.requires_grad and close(q, expected, 1e-5)
+    # The loop's diagnostic of the guessed label argmax q, without a mask: every true label is known here.
+    acc = pseudo_label_stats(q.argmax(dim=1), None, y_u)
+    assert list(acc) == ["pseudo_acc", "known_rate"] and acc["known_rate"].item() == 1
+    assert acc["pseudo_acc"].item() == pytest.approx((q.argmax(dim=1) == y_u).float().mean().item())
     assert torch.allclose(history.buffer[1:], torch.full((127, 10), 0.1))
     # The rotation head is its own parameters, and the rotation loss trained it.
     assert model.rot_head.weight.shape == (4, model.num_features) and model.rot_head.weight.grad.abs().sum() > 0
@@ -167,8 +203,9 @@ def test_train_step_without_ramp_or_rotation_weight_is_labeled_loss_only():
     model = make_model()
     args = argparse.Namespace(temperature=0.5, lambda_u=1.5, lambda_u1=0.5, lambda_rot=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x_l, y_l, x_uw, x_us, y_u, lam, perm = step_inputs()
-    stats = train_step(model, opt, x_l, y_l, x_uw, x_us, y_u, lam, perm, 0.0, torch.full((10,), 0.1),
-                       PredictionHistory(10, 128, torch.device("cpu")), args, amp=False)
-    assert stats[0].item() == stats[1].item()  # ramp 0 at step 0: L = L_x
+    x_l, y_l, x_uw, x_us, _, lam, perm = step_inputs()
+    stats, _ = train_step(model, opt, x_l, y_l, x_uw, x_us, lam, perm, 0.0, torch.full((10,), 0.1),
+                          PredictionHistory(10, 128, torch.device("cpu")), args, amp=False)
+    assert stats["loss"].item() == stats["loss_x"].item()  # ramp 0 at step 0: L = L_x
+    assert stats["ramp"].item() == 0 and stats["loss_rot"].item() > 0  # the rotation loss is there, unweighted
     assert model.rot_head.weight.grad.abs().sum() == 0  # nothing but the rotation loss reaches the rotation head
