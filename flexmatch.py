@@ -233,33 +233,14 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # ----------------------------------------------------------------------------------------------------
 # Training step
 # ----------------------------------------------------------------------------------------------------
-# Per-step statistics, summed on the device between log points. masked_correct_rate is the fraction of
-# the unlabeled batch that is both confident and correctly pseudo-labeled. threshold_min/mean/max summarise
-# the step's class thresholds T(c) and unused_fraction is the share of all unlabeled images never confident yet.
-# known_rate and masked_known_rate are the fractions whose true label is known (all with CIFAR), and known and
-# confident.
-STATS = ["loss", "loss_x", "loss_u", "mask_rate", "masked_correct_rate", "pseudo_acc",
-         "threshold_min", "threshold_mean", "threshold_max", "unused_fraction", "known_rate", "masked_known_rate"]
-
-
-def summarize(stats: torch.Tensor, steps: int) -> dict:
-    """Mean statistics since the last log point, read from the device (a host sync: log points only)."""
-    mean = dict(zip(STATS, (stats / steps).tolist()))
-    # Accuracies over the unlabeled images whose label is known, all of them with CIFAR, as ratios of sums over
-    # the steps: pseudo_acc of all pseudo-labels, pseudo_acc_masked of those used (None while there is none).
-    masked_correct, masked_known = mean.pop("masked_correct_rate"), mean.pop("masked_known_rate")
-    known = mean.pop("known_rate")
-    mean["pseudo_acc_masked"] = masked_correct / masked_known if masked_known > 0 else None
-    mean["pseudo_acc"] = mean["pseudo_acc"] / known if known > 0 else None
-    return mean
-
-
-def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, idx_u, selected_label, args, amp: bool,
-               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD), num_classes: int = NUM_CLASSES) -> torch.Tensor:
-    """One FlexMatch step; updates selected_label in place with the confident predictions on the unlabeled
-    batch idx_u. Returns the step's statistics as a tensor on the device (no host sync);
-    y_u, the true labels of the unlabeled batch (-1: unknown), only measure pseudo-label accuracy. mean_std is
-    the data set's (mean, std) for normalize."""
+def train_step(model, optimizer, x_l, y_l, x_uw, x_us, idx_u, selected_label, args, amp: bool,
+               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD),
+               num_classes: int = NUM_CLASSES) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One FlexMatch step on the labeled batch and the two views of the unlabeled one; updates selected_label in
+    place with the confident predictions on the unlabeled batch idx_u. Returns the step's statistics by name
+    (tensors on the device: no host sync; threshold_min/mean/max summarise the class thresholds T(c), and
+    unused_fraction is the share of all unlabeled images never confident yet), and the pseudo-labels and their
+    mask, whose accuracy the loop measures. mean_std is the data set's (mean, std) for normalize."""
     b = x_l.shape[0]
     x = normalize(torch.cat([x_l, x_uw, x_us]), *mean_std).contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -276,11 +257,10 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, y_u, idx_u, selected_labe
     loss.backward()
     optimizer.step()
     selected_label.copy_(update_selected_label(selected_label, idx_u, confidence, labels, args.threshold))
-    # y_u = -1 (an image of a folder's unlabeled/) is never counted correct, nor known.
-    correct, known = (labels == y_u).float(), (y_u >= 0).float()
-    return torch.stack([loss, loss_x, loss_u, mask.mean(), (correct * mask).mean(), correct.mean(),
-                        thresholds.min(), thresholds.mean(), thresholds.max(), unused_fraction,
-                        known.mean(), (known * mask).mean()]).detach()
+    stats = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "mask_rate": mask.mean(),
+             "threshold_min": thresholds.min(), "threshold_mean": thresholds.mean(),
+             "threshold_max": thresholds.max(), "unused_fraction": unused_fraction}
+    return stats, labels, mask
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,6 +286,34 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, amp: bool
     per_class = [top1[y == c].float().mean().item() for c in range(logits.shape[1])]
     return {"top1": top1.float().mean().item(), "top5": top5.float().mean().item(), "loss": loss / len(x),
             "per_class_top1": per_class}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics: summed on the device over the steps since the last evaluation, read at log points
+# ----------------------------------------------------------------------------------------------------
+def pseudo_label_stats(labels: torch.Tensor, mask: torch.Tensor | None, y_u: torch.Tensor) -> dict:
+    """A diagnostic outside the algorithm, which never sees y_u, the unlabeled images' true labels: the fractions
+    of the batch that are correctly pseudo-labeled and whose label is known (-1, an image of a folder's
+    unlabeled/, is neither), and with a mask also those that are confident too."""
+    correct, known = (labels == y_u).float(), (y_u >= 0).float()
+    stats = {"pseudo_acc": correct.mean(), "known_rate": known.mean()}
+    if mask is None:
+        return stats
+    return {"masked_correct_rate": (correct * mask).mean(), **stats, "masked_known_rate": (known * mask).mean()}
+
+
+def summarize(names: list[str], sums: torch.Tensor, steps: int) -> dict:
+    """Mean statistics from their sums over `steps` steps (a host sync: log points only). Pseudo-label accuracies
+    are ratios of sums, over the unlabeled images whose label is known (all of them with CIFAR): pseudo_acc of
+    all pseudo-labels, pseudo_acc_masked of those used; None while there is none."""
+    mean = dict(zip(names, (sums / steps).tolist()))
+    known, masked_known = mean.pop("known_rate", 0.0), mean.pop("masked_known_rate", 0.0)
+    if "pseudo_acc" in mean:
+        mean["pseudo_acc"] = mean["pseudo_acc"] / known if known > 0 else None
+    if "masked_correct_rate" in mean:
+        masked_correct = mean.pop("masked_correct_rate")
+        mean["pseudo_acc_masked"] = masked_correct / masked_known if masked_known > 0 else None
+    return mean
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -428,6 +436,31 @@ def read_metrics(path: str, up_to_step: int) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and r.get("step", math.inf) <= up_to_step]
 
 
+def training_state(parts: dict) -> dict:
+    """What a checkpoint holds of each part of the training: a tensor's values, a generator's state (torch or
+    numpy), or state_dict()."""
+    def state(part):
+        if isinstance(part, torch.Tensor):
+            return part
+        if isinstance(part, torch.Generator):
+            return part.get_state()
+        return part.bit_generator.state if hasattr(part, "bit_generator") else part.state_dict()
+    return {name: state(part) for name, part in parts.items()}
+
+
+def restore_training_state(parts: dict, ckpt: dict) -> None:
+    """The inverse of training_state: every part back to its state in the checkpoint."""
+    for name, part in parts.items():
+        if isinstance(part, torch.Tensor):
+            part.copy_(ckpt[name])
+        elif isinstance(part, torch.Generator):
+            part.set_state(ckpt[name])
+        elif hasattr(part, "bit_generator"):
+            part.bit_generator.state = ckpt[name]
+        else:
+            part.load_state_dict(ckpt[name])
+
+
 def save_checkpoint(path: str, state: dict) -> None:
     """Serialise in memory, then write atomically: a crash mid-write leaves the previous checkpoint intact, and
     a full disk raises an OSError that names the file rather than an error from torch's zip writer."""
@@ -515,16 +548,13 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
 
     total_steps = args.epochs * args.steps_per_epoch
     warn_if_slow(args, model, device, total_steps)
+    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
+    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
+             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "selected_label": selected_label}
     step, elapsed, ckpt_step = 0, 0.0, None
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        labeled_batches.load_state_dict(ckpt["labeled_batches"])
-        unlabeled_batches.load_state_dict(ckpt["unlabeled_batches"])
-        aug_generator.set_state(ckpt["aug_generator"])
-        selected_label.copy_(ckpt["selected_label"])
+        restore_training_state(parts, ckpt)
         step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
         print(f"resuming {args.out} from step {step}")
     # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
@@ -534,12 +564,10 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     images_per_step = args.batch_size * (1 + 2 * args.mu)  # images through the network per step
     print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
           f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
-    # Statistics are summed on the device over the steps since the last progress line and since the last
-    # evaluation; metrics.jsonl gets the latter (per-epoch means with the default flags).
-    log_stats, eval_stats = torch.zeros(len(STATS), device=device), torch.zeros(len(STATS), device=device)
-    log_steps = eval_steps = 0
-    t_start, step_start, first_line = time.perf_counter(), step, step + 3
-    t_log = t_eval = t_start
+    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
+    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
+    names, sums, steps_summed = None, None, 0
+    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
     result = None
     try:
         while step < total_steps:
@@ -550,55 +578,50 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
             u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
             x_uw, x_us = weak_augment(u, aug_generator), strong_augment(u, aug_generator)
-            step_stats = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, train_y[idx_u], idx_u,
-                                    selected_label, args, amp, mean_std, data["num_classes"])
+            step_stats, labels, mask = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, idx_u,
+                                                  selected_label, args, amp, mean_std, data["num_classes"])
             ema_update(ema_model, model, args.ema_decay)
-            log_stats += step_stats
-            eval_stats += step_stats
-            step, log_steps, eval_steps = step + 1, log_steps + 1, eval_steps + 1
+            stats = {**step_stats, **pseudo_label_stats(labels, mask, train_y[idx_u])}
+            values = torch.stack(list(stats.values()))
+            sums = values if sums is None else sums + values
+            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
 
             now = time.perf_counter()
             # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
             # steps of a (re)start, so that the ETA is known at once.
             if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
-                    or now - t_log >= PROGRESS_SECONDS):
-                mean = summarize(log_stats, log_steps)  # the only host sync between evaluations
+                    or now >= next_line):
+                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
                 if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
                     return stop_diverged(args.out, step, mean["loss"], ckpt_step)
-                eta = (now - t_start) / (step - step_start) * (total_steps - step)
+                eta = (now - t_eval) / steps_summed * (total_steps - step)
                 print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
                       f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}) | mask {mean['mask_rate']:.2f} "
                       f"| pl-acc {mean['pseudo_acc_masked'] or 0:.2f} | lr {lr:.4f} "
                       f"| thr {mean['threshold_min']:.2f}/{mean['threshold_mean']:.2f}/{mean['threshold_max']:.2f} "
                       f"unused {mean['unused_fraction']:.2f} "
-                      f"| {log_steps * images_per_step / (now - t_log):.0f} img/s | ETA {format_time(eta)}", flush=True)
-                log_stats.zero_()
-                log_steps, t_log = 0, now
+                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
+                      flush=True)
+                next_line = now + PROGRESS_SECONDS
 
             if step % args.eval_every == 0 or step == total_steps:
                 row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
-                       **summarize(eval_stats, eval_steps),
-                       "img_per_s": eval_steps * images_per_step / (time.perf_counter() - t_eval)}
+                       **summarize(names, sums, steps_summed),
+                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
                 # The per-class thresholds the next step will use (the summary above is a mean over the steps).
                 row["class_thresholds"] = class_thresholds(selected_label, data["num_classes"], args.threshold,
                                                            args.threshold_warmup, args.mapping).tolist()
                 result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-                elapsed += time.perf_counter() - t_start
+                elapsed += time.perf_counter() - t_eval
                 row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
                            elapsed_s=elapsed)
                 metrics.append(row)
                 write_metrics(metrics_path, metrics)
                 print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
                       f"loss {result['loss']:.3f}", flush=True)
-                save_checkpoint(ckpt_path, {
-                    "step": step, "elapsed": elapsed, "model": model.state_dict(), "ema_model": ema_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "labeled_batches": labeled_batches.state_dict(),
-                    "unlabeled_batches": unlabeled_batches.state_dict(), "aug_generator": aug_generator.get_state(),
-                    "selected_label": selected_label})
+                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
                 ckpt_step = step
-                eval_stats.zero_()
-                eval_steps, step_start = 0, step
-                t_start = t_log = t_eval = time.perf_counter()
+                sums, steps_summed, t_eval = None, 0, time.perf_counter()
     except KeyboardInterrupt:
         return stop_interrupted(step, ckpt_path)
 

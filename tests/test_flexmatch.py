@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexmatch import class_thresholds, flexmatch_mask, learning_effect, train_step, update_selected_label  # noqa: E402
+from flexmatch import (class_thresholds, flexmatch_mask, learning_effect, pseudo_label_stats, train_step,  # noqa: E402
+                       update_selected_label)
 
 
 def labels(*values: int) -> torch.Tensor:
@@ -167,10 +168,16 @@ def test_train_step_uses_thresholds_from_before_the_step_then_updates_selected_l
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     args = argparse.Namespace(threshold=0.9, threshold_warmup=True, mapping="convex", lambda_u=1.0)
     image = lambda n: torch.zeros(n, 3, 2, 2, dtype=torch.uint8)  # noqa: E731 (the stand-in ignores the pixels)
-    stats = train_step(model, optimizer, image(b), labels(0, 1), image(3), image(3), labels(1, 2, 2), idx_u,
-                       selected, args, amp=False)
-    loss, loss_x, loss_u, mask_rate, masked_correct, pseudo_acc, t_min, t_mean, t_max, unused, known, masked_known = (
-        stats.tolist())
+    stats, pseudo, mask = train_step(model, optimizer, image(b), labels(0, 1), image(3), image(3), idx_u, selected,
+                                     args, amp=False)
+    assert list(stats) == ["loss", "loss_x", "loss_u", "mask_rate", "threshold_min", "threshold_mean",
+                           "threshold_max", "unused_fraction"]
+    assert all(v.ndim == 0 and not v.requires_grad for v in stats.values())
+    assert pseudo.tolist() == [1, 0, 2] and mask.tolist() == [1, 0, 1]
+    loss, loss_x, loss_u, mask_rate, t_min, t_mean, t_max, unused = (v.item() for v in stats.values())
+    # The accuracy diagnostic, outside the step, with the true labels 1, 2, 2.
+    masked_correct, pseudo_acc, known, masked_known = (
+        v.item() for v in pseudo_label_stats(pseudo, mask, labels(1, 2, 2)).values())
     assert known == 1 and masked_known == pytest.approx(mask_rate)  # every true label is known here
     assert selected.tolist() == [0, 0, 0, 2, -1, -1, -1, -1]  # updated in place, after the loss
     assert mask_rate == pytest.approx(2 / 3)
