@@ -56,85 +56,6 @@ ALGORITHM = "flexmatch"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
-                   "(balanced over classes; 40/250/4000 in the paper), or 'all': every training image with a label")
-    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
-    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
-    p.add_argument("--threshold", type=float, default=0.95, help="pre-defined threshold tau (FlexMatch, arXiv "
-                   "2110.08263): class thresholds are tau * M(beta(c)) <= tau; max q >= tau marks an image as learned")
-    p.add_argument("--threshold-warmup", action=argparse.BooleanOptionalAction, default=True, help="FlexMatch's "
-                   "threshold warm-up: beta(c) = sigma(c) / max(max_c sigma(c), unused images), "
-                   "else sigma(c) / max_c sigma(c)")
-    p.add_argument("--mapping", choices=["convex", "linear"], default="convex", help="FlexMatch's M in T(c) = tau * "
-                   "M(beta(c)): convex x / (2 - x) (the paper's default) or linear x")
-    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the unlabeled loss")
-    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate (SGD, Nesterov momentum 0.9)")
-    p.add_argument("--weight-decay", type=float, default=5e-4,
-                   help="weight decay (not on BatchNorm parameters and biases)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
-    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
-                   "steps in all by default)")
-    p.add_argument("--steps-per-epoch", type=int, default=1024,
-                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
-    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
-                   "checkpoint every this many steps")
-    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
-    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
-    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
-    p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation and the batches")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
-                   "--data-dir if missing), or folder: your own images (README, 'Your own data')")
-    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
-                   "(the shorter side, then a centre crop); CIFAR images are 32")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
-                   "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
-                   "runs/flexmatch_n<n-labeled>_seed<seed>, "
-                   "runs/flexmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
-    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
-    args = p.parse_args(argv)
-    run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
-    args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject impossible settings with one line (DataError -> exit status 2)."""
-    check_data_args(args.dataset, args.n_labeled, args.image_size)  # before any data is read or downloaded
-    checks = [
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.mu >= 1, f"--mu must be >= 1, got {args.mu}"),
-        (0 < args.threshold <= 1, f"--threshold must be in (0, 1], got {args.threshold}"),
-        (args.lambda_u >= 0, f"--lambda-u must be >= 0, got {args.lambda_u}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
-        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
-         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
-        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
-         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
-        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DataError(message)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
-    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
-
-
-# ----------------------------------------------------------------------------------------------------
 # Algorithm
 # ----------------------------------------------------------------------------------------------------
 def pseudo_labels(logits_weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +184,240 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, idx_u, selected_label, ar
     return stats, labels, mask
 
 
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
+    check_args(args)
+    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        print(f"{args.out} already holds a finished run (results.json); nothing to do")
+        return 0
+    data = load_dataset(args.dataset, args.data_dir, args.image_size)
+    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
+    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
+
+    device = torch.device(args.device)
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
+    torch.backends.cudnn.benchmark = True
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model)
+    optimizer = make_optimizer(model, args, device)
+    forward = torch.compile(model) if args.compile else model
+    # Index streams over the labeled subset and over all training images (the unlabeled set includes the
+    # labeled ones, as in the paper, and a folder's unlabeled/ images);
+    # augmentation parameters come from their own CPU generator.
+    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
+    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.mu * args.batch_size,
+                                      seed=args.seed + 1)
+    aug_generator = torch.Generator().manual_seed(args.seed + 2)
+    # FlexMatch's state: for each of the len(train_x) unlabeled images (all of them, not a batch), its latest
+    # confident prediction, -1 while it has none. The class thresholds are computed from it at every step.
+    selected_label = torch.full((len(train_x),), -1, dtype=torch.int64, device=device)
+
+    total_steps = args.epochs * args.steps_per_epoch
+    warn_if_slow(args, model, device, total_steps)
+    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
+    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
+             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "selected_label": selected_label}
+    step, elapsed, ckpt_step = 0, 0.0, None
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if ckpt is not None:
+        restore_training_state(parts, ckpt)
+        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
+        print(f"resuming {args.out} from step {step}")
+    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
+    metrics = read_metrics(metrics_path, step)
+    write_metrics(metrics_path, metrics)
+
+    images_per_step = args.batch_size * (1 + 2 * args.mu)  # images through the network per step
+    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
+          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
+    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
+    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
+    names, sums, steps_summed = None, None, 0
+    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
+    result = None
+    try:
+        while step < total_steps:
+            lr = cosine_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx_l, idx_u = labeled_batches(), unlabeled_batches()
+            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
+            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
+            x_uw, x_us = weak_augment(u, aug_generator), strong_augment(u, aug_generator)
+            step_stats, labels, mask = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, idx_u,
+                                                  selected_label, args, amp, mean_std, data["num_classes"])
+            ema_update(ema_model, model, args.ema_decay)
+            stats = {**step_stats, **pseudo_label_stats(labels, mask, train_y[idx_u])}
+            values = torch.stack(list(stats.values()))
+            sums = values if sums is None else sums + values
+            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
+
+            now = time.perf_counter()
+            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
+            # steps of a (re)start, so that the ETA is known at once.
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
+                    or now >= next_line):
+                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
+                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
+                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
+                eta = (now - t_eval) / steps_summed * (total_steps - step)
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
+                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}) | mask {mean['mask_rate']:.2f} "
+                      f"| pl-acc {mean['pseudo_acc_masked'] or 0:.2f} | lr {lr:.4f} "
+                      f"| thr {mean['threshold_min']:.2f}/{mean['threshold_mean']:.2f}/{mean['threshold_max']:.2f} "
+                      f"unused {mean['unused_fraction']:.2f} "
+                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
+                      flush=True)
+                next_line = now + PROGRESS_SECONDS
+
+            if step % args.eval_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
+                       **summarize(names, sums, steps_summed),
+                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
+                # The per-class thresholds the next step will use (the summary above is a mean over the steps).
+                row["class_thresholds"] = class_thresholds(selected_label, data["num_classes"], args.threshold,
+                                                           args.threshold_warmup, args.mapping).tolist()
+                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+                elapsed += time.perf_counter() - t_eval
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
+                           elapsed_s=elapsed)
+                metrics.append(row)
+                write_metrics(metrics_path, metrics)
+                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                      f"loss {result['loss']:.3f}", flush=True)
+                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
+                ckpt_step = step
+                sums, steps_summed, t_eval = None, 0, time.perf_counter()
+    except KeyboardInterrupt:
+        return stop_interrupted(step, ckpt_path)
+
+    if result is None:  # resumed from the final checkpoint: results.json was not written yet
+        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+    top1 = [m["test_top1"] for m in metrics]
+    results = {
+        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
+        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
+        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
+        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "classes": data["classes"],
+        "wall_time_s": elapsed,
+        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "args": vars(args),
+    }
+    write_json(results_path, results)
+    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
+          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
+    130 interrupted."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as lock:
+        try:
+            return train(args, argv, lock)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
+            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
+                   "(balanced over classes; 40/250/4000 in the paper), or 'all': every training image with a label")
+    p.add_argument("--batch-size", type=int, default=64, help="labeled batch size B")
+    p.add_argument("--mu", type=int, default=7, help="unlabeled batch = mu * B")
+    p.add_argument("--threshold", type=float, default=0.95, help="pre-defined threshold tau (FlexMatch, arXiv "
+                   "2110.08263): class thresholds are tau * M(beta(c)) <= tau; max q >= tau marks an image as learned")
+    p.add_argument("--threshold-warmup", action=argparse.BooleanOptionalAction, default=True, help="FlexMatch's "
+                   "threshold warm-up: beta(c) = sigma(c) / max(max_c sigma(c), unused images), "
+                   "else sigma(c) / max_c sigma(c)")
+    p.add_argument("--mapping", choices=["convex", "linear"], default="convex", help="FlexMatch's M in T(c) = tau * "
+                   "M(beta(c)): convex x / (2 - x) (the paper's default) or linear x")
+    p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the unlabeled loss")
+    p.add_argument("--lr", type=float, default=0.03, help="initial learning rate (SGD, Nesterov momentum 0.9)")
+    p.add_argument("--weight-decay", type=float, default=5e-4,
+                   help="weight decay (not on BatchNorm parameters and biases)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
+                   "steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024,
+                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
+                   "checkpoint every this many steps")
+    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the labeled split, the initialisation and the batches")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
+                   "--data-dir if missing), or folder: your own images (README, 'Your own data')")
+    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
+                   "(the shorter side, then a centre crop); CIFAR images are 32")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
+                   "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
+                   "runs/flexmatch_n<n-labeled>_seed<seed>, "
+                   "runs/flexmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
+    args = p.parse_args(argv)
+    run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
+    args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings with one line (DataError -> exit status 2)."""
+    check_data_args(args.dataset, args.n_labeled, args.image_size)  # before any data is read or downloaded
+    checks = [
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.mu >= 1, f"--mu must be >= 1, got {args.mu}"),
+        (0 < args.threshold <= 1, f"--threshold must be in (0, 1], got {args.threshold}"),
+        (args.lambda_u >= 0, f"--lambda-u must be >= 0, got {args.lambda_u}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
+        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
+         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+
+
+# ====================================================================================================
+# Shared plumbing. Every function below is the same, letter for letter, in all five scripts (the supervised
+# baseline lacks pseudo_label_stats); tests/test_skeleton.py holds them so. Edit all five copies alike.
+# ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -506,157 +661,6 @@ def stop_interrupted(step: int, ckpt_path: str) -> int:
         print(f"\ninterrupted at step {step}; rerun the same command to resume from the checkpoint of step "
               f"{ckpt_step}", file=sys.stderr)
     return EXIT_INTERRUPTED
-
-
-# ----------------------------------------------------------------------------------------------------
-# Main loop
-# ----------------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
-    check_args(args)
-    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
-    results_path = os.path.join(args.out, "results.json")
-    if os.path.exists(results_path) and not args.overwrite:
-        print(f"{args.out} already holds a finished run (results.json); nothing to do")
-        return 0
-    data = load_dataset(args.dataset, args.data_dir, args.image_size)
-    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
-    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
-
-    device = torch.device(args.device)
-    amp = device.type == "cuda" if args.amp == "auto" else args.amp
-    torch.backends.cudnn.benchmark = True
-    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
-    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
-
-    torch.manual_seed(args.seed)
-    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
-    model = model.to(device, memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model)
-    optimizer = make_optimizer(model, args, device)
-    forward = torch.compile(model) if args.compile else model
-    # Index streams over the labeled subset and over all training images (the unlabeled set includes the
-    # labeled ones, as in the paper, and a folder's unlabeled/ images);
-    # augmentation parameters come from their own CPU generator.
-    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
-    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.mu * args.batch_size,
-                                      seed=args.seed + 1)
-    aug_generator = torch.Generator().manual_seed(args.seed + 2)
-    # FlexMatch's state: for each of the len(train_x) unlabeled images (all of them, not a batch), its latest
-    # confident prediction, -1 while it has none. The class thresholds are computed from it at every step.
-    selected_label = torch.full((len(train_x),), -1, dtype=torch.int64, device=device)
-
-    total_steps = args.epochs * args.steps_per_epoch
-    warn_if_slow(args, model, device, total_steps)
-    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
-    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
-             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "selected_label": selected_label}
-    step, elapsed, ckpt_step = 0, 0.0, None
-    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    if ckpt is not None:
-        restore_training_state(parts, ckpt)
-        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
-        print(f"resuming {args.out} from step {step}")
-    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
-    metrics = read_metrics(metrics_path, step)
-    write_metrics(metrics_path, metrics)
-
-    images_per_step = args.batch_size * (1 + 2 * args.mu)  # images through the network per step
-    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
-          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
-    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
-    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
-    names, sums, steps_summed = None, None, 0
-    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
-    result = None
-    try:
-        while step < total_steps:
-            lr = cosine_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
-            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_uw, x_us = weak_augment(u, aug_generator), strong_augment(u, aug_generator)
-            step_stats, labels, mask = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, idx_u,
-                                                  selected_label, args, amp, mean_std, data["num_classes"])
-            ema_update(ema_model, model, args.ema_decay)
-            stats = {**step_stats, **pseudo_label_stats(labels, mask, train_y[idx_u])}
-            values = torch.stack(list(stats.values()))
-            sums = values if sums is None else sums + values
-            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
-
-            now = time.perf_counter()
-            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
-            # steps of a (re)start, so that the ETA is known at once.
-            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
-                    or now >= next_line):
-                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
-                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
-                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
-                eta = (now - t_eval) / steps_summed * (total_steps - step)
-                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
-                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}) | mask {mean['mask_rate']:.2f} "
-                      f"| pl-acc {mean['pseudo_acc_masked'] or 0:.2f} | lr {lr:.4f} "
-                      f"| thr {mean['threshold_min']:.2f}/{mean['threshold_mean']:.2f}/{mean['threshold_max']:.2f} "
-                      f"unused {mean['unused_fraction']:.2f} "
-                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
-                      flush=True)
-                next_line = now + PROGRESS_SECONDS
-
-            if step % args.eval_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
-                       **summarize(names, sums, steps_summed),
-                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
-                # The per-class thresholds the next step will use (the summary above is a mean over the steps).
-                row["class_thresholds"] = class_thresholds(selected_label, data["num_classes"], args.threshold,
-                                                           args.threshold_warmup, args.mapping).tolist()
-                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-                elapsed += time.perf_counter() - t_eval
-                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
-                           elapsed_s=elapsed)
-                metrics.append(row)
-                write_metrics(metrics_path, metrics)
-                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                      f"loss {result['loss']:.3f}", flush=True)
-                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
-                ckpt_step = step
-                sums, steps_summed, t_eval = None, 0, time.perf_counter()
-    except KeyboardInterrupt:
-        return stop_interrupted(step, ckpt_path)
-
-    if result is None:  # resumed from the final checkpoint: results.json was not written yet
-        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-    top1 = [m["test_top1"] for m in metrics]
-    results = {
-        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
-        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
-        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
-        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
-        "classes": data["classes"],
-        "wall_time_s": elapsed,
-        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "args": vars(args),
-    }
-    write_json(results_path, results)
-    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
-          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
-    130 interrupted."""
-    args = parse_args(argv)
-    with contextlib.ExitStack() as lock:
-        try:
-            return train(args, argv, lock)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
-            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

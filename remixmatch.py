@@ -80,106 +80,6 @@ ALGORITHM = "remixmatch"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Arguments
-# ----------------------------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
-                   "(balanced over classes; 250/4000 in the paper), or 'all': every training image with a label")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="labeled batch size B (the unlabeled batch is B images too)")
-    p.add_argument("--k-strong", type=int, default=8, help="K: strongly augmented views of each unlabeled image "
-                   "trained towards the label guessed on its weak view")
-    p.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T of the guessed labels")
-    p.add_argument("--alpha", type=float, default=0.75, help="MixUp: lambda ~ Beta(alpha, alpha), one per example")
-    p.add_argument("--lambda-u", type=float, default=1.5,
-                   help="weight of the mixed unlabeled cross-entropy once ramped up")
-    p.add_argument("--lambda-u1", type=float, default=0.5,
-                   help="weight of the pre-mixup loss on the first strong view once ramped up")
-    p.add_argument("--lambda-rot", type=float, default=0.5, help="weight of the rotation loss (not ramped)")
-    p.add_argument("--rampup-steps", type=int, default=16384,
-                   help="lambda_u and lambda_u1 ramp up linearly from 0 over this many steps")
-    p.add_argument("--labeled-aug", choices=["weak", "strong"], default="weak",
-                   help="augmentation of the labeled batch: weak (flip + shift, as every RandAugment-based "
-                   "reference) or strong (RandAugment + Cutout, the paper's Algorithm 1, which used CTAugment)")
-    p.add_argument("--da-batches", type=int, default=128, help="distribution alignment: p~(y) averages the "
-                   "predictions of this many recent batches")
-    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts "
-                   "(Nesterov, cosine lr decay); "
-                   "adam: the paper's (constant lr, weight decay w <- w (1 - wd lr) every step)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate; None means 0.03 with --optimizer sgd, 0.002 with adam")
-    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (not on BatchNorm parameters and "
-                   "biases); None means 5e-4 with sgd, 0.02 with adam")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
-    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
-                   "steps in all by default)")
-    p.add_argument("--steps-per-epoch", type=int, default=1024,
-                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
-    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
-                   "checkpoint every this many steps")
-    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
-    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
-    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
-    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
-                   "--data-dir if missing), or folder: your own images (README, 'Your own data')")
-    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
-                   "(the shorter side, then a centre crop); CIFAR images are 32")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
-                   "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
-    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
-                   "runs/remixmatch_n<n-labeled>_seed<seed>, "
-                   "runs/remixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
-    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
-    args = p.parse_args(argv)
-    run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
-    args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
-    if args.lr is None:
-        args.lr = {"sgd": 0.03, "adam": 0.002}[args.optimizer]
-    if args.weight_decay is None:
-        args.weight_decay = {"sgd": 5e-4, "adam": 0.02}[args.optimizer]
-    return args
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Reject impossible settings with one line (DataError -> exit status 2)."""
-    check_data_args(args.dataset, args.n_labeled, args.image_size)  # before any data is read or downloaded
-    checks = [
-        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
-        (args.k_strong >= 1, f"--k-strong must be >= 1, got {args.k_strong}"),
-        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
-        (min(args.lambda_u, args.lambda_u1, args.lambda_rot) >= 0,
-         "--lambda-u, --lambda-u1 and --lambda-rot must be >= 0"),
-        (args.rampup_steps >= 0, f"--rampup-steps must be >= 0, got {args.rampup_steps}"),
-        (args.da_batches >= 1, f"--da-batches must be >= 1, got {args.da_batches}"),
-        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
-        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
-        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
-        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
-         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
-        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
-         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
-        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DataError(message)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
-    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
-
-
-# ----------------------------------------------------------------------------------------------------
 # Algorithm
 # ----------------------------------------------------------------------------------------------------
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -415,6 +315,267 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, lam, perm, ramp: float, p
     return stats, q
 
 
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
+    check_args(args)
+    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        print(f"{args.out} already holds a finished run (results.json); nothing to do")
+        return 0
+    data = load_dataset(args.dataset, args.data_dir, args.image_size)
+    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
+    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
+
+    device = torch.device(args.device)
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
+    torch.backends.cudnn.benchmark = True
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
+    model.rot_head = RotationHead(model.num_features)  # attached before the EMA copy and the optimizer are made
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model)
+    optimizer = make_optimizer(model, args, device)
+    forward = torch.compile(model) if args.compile else model
+    # Index streams over the labeled subset and over all training images (the unlabeled set includes the
+    # labeled ones, as in the paper, and a folder's unlabeled/ images);
+    # augmentation parameters and MixUp draws come from their own generators.
+    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
+    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.batch_size, seed=args.seed + 1)
+    aug_generator = torch.Generator().manual_seed(args.seed + 2)
+    mixup_rng = np.random.default_rng(args.seed + 3)
+    # Distribution alignment: p(y) from the labeled split, p~(y) from the model's recent predictions.
+    p_data = labeled_distribution(train_y[labeled.to(device)], data["num_classes"])
+    p_model = PredictionHistory(data["num_classes"], args.da_batches, device)
+
+    total_steps = args.epochs * args.steps_per_epoch
+    warn_if_slow(args, model, device, total_steps)
+    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
+    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
+             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "mixup_rng": mixup_rng,
+             "p_model": p_model}
+    step, elapsed, ckpt_step = 0, 0.0, None
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if ckpt is not None:
+        restore_training_state(parts, ckpt)
+        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
+        print(f"resuming {args.out} from step {step}")
+    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
+    metrics = read_metrics(metrics_path, step)
+    write_metrics(metrics_path, metrics)
+
+    # Images through the network per step: the weak view (forward only), the first strong view un-mixed and
+    # rotated, then the labeled batch and all K + 1 views again, mixed (forward and backward).
+    images_per_step = args.batch_size * (5 + args.k_strong)
+    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
+          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
+    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
+    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
+    names, sums, steps_summed = None, None, 0
+    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
+    result = None
+    try:
+        while step < total_steps:
+            # Adam: constant, as in the paper
+            lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx_l, idx_u = labeled_batches(), unlabeled_batches()
+            # Weak by default, as in every RandAugment-based reference (see the docstring); strong is Algorithm 1.
+            augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
+            x_l = augment_labeled(train_x.index_select(0, idx_l), aug_generator)
+            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
+            x_uw = weak_augment(u, aug_generator)
+            x_us = strong_augment(u, aug_generator, views=args.k_strong)  # [K, B, ...]
+            lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)
+            ramp = linear_rampup(step, args.rampup_steps)
+            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, lam, perm, ramp, p_data,
+                                       p_model, args, amp, mean_std)
+            ema_update(ema_model, model, args.ema_decay)
+            stats = {**step_stats, **pseudo_label_stats(q.argmax(dim=1), None, train_y[idx_u])}
+            values = torch.stack(list(stats.values()))
+            sums = values if sums is None else sums + values
+            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
+
+            now = time.perf_counter()
+            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
+            # steps of a (re)start, so that the ETA is known at once.
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
+                    or now >= next_line):
+                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
+                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
+                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
+                eta = (now - t_eval) / steps_summed * (total_steps - step)
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
+                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}, u1 {mean['loss_u1']:.3f}, "
+                      f"rot {mean['loss_rot']:.3f}) | ramp {mean['ramp']:.2f} "
+                      f"| guess-acc {mean['pseudo_acc'] or 0:.2f} | lr {lr:.4f} "
+                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
+                      flush=True)
+                next_line = now + PROGRESS_SECONDS
+
+            if step % args.eval_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
+                       **summarize(names, sums, steps_summed),
+                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
+                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+                elapsed += time.perf_counter() - t_eval
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
+                           elapsed_s=elapsed)
+                metrics.append(row)
+                write_metrics(metrics_path, metrics)
+                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                      f"loss {result['loss']:.3f}", flush=True)
+                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
+                ckpt_step = step
+                sums, steps_summed, t_eval = None, 0, time.perf_counter()
+    except KeyboardInterrupt:
+        return stop_interrupted(step, ckpt_path)
+
+    if result is None:  # resumed from the final checkpoint: results.json was not written yet
+        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+    top1 = [m["test_top1"] for m in metrics]
+    results = {
+        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
+        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
+        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
+        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "classes": data["classes"],
+        "wall_time_s": elapsed,
+        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "args": vars(args),
+    }
+    write_json(results_path, results)
+    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
+          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
+    130 interrupted."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as lock:
+        try:
+            return train(args, argv, lock)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
+            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n-labeled", type=parse_n_labeled, default=4000, help="number of labeled training images "
+                   "(balanced over classes; 250/4000 in the paper), or 'all': every training image with a label")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="labeled batch size B (the unlabeled batch is B images too)")
+    p.add_argument("--k-strong", type=int, default=8, help="K: strongly augmented views of each unlabeled image "
+                   "trained towards the label guessed on its weak view")
+    p.add_argument("--temperature", type=float, default=0.5, help="sharpening temperature T of the guessed labels")
+    p.add_argument("--alpha", type=float, default=0.75, help="MixUp: lambda ~ Beta(alpha, alpha), one per example")
+    p.add_argument("--lambda-u", type=float, default=1.5,
+                   help="weight of the mixed unlabeled cross-entropy once ramped up")
+    p.add_argument("--lambda-u1", type=float, default=0.5,
+                   help="weight of the pre-mixup loss on the first strong view once ramped up")
+    p.add_argument("--lambda-rot", type=float, default=0.5, help="weight of the rotation loss (not ramped)")
+    p.add_argument("--rampup-steps", type=int, default=16384,
+                   help="lambda_u and lambda_u1 ramp up linearly from 0 over this many steps")
+    p.add_argument("--labeled-aug", choices=["weak", "strong"], default="weak",
+                   help="augmentation of the labeled batch: weak (flip + shift, as every RandAugment-based "
+                   "reference) or strong (RandAugment + Cutout, the paper's Algorithm 1, which used CTAugment)")
+    p.add_argument("--da-batches", type=int, default=128, help="distribution alignment: p~(y) averages the "
+                   "predictions of this many recent batches")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts "
+                   "(Nesterov, cosine lr decay); "
+                   "adam: the paper's (constant lr, weight decay w <- w (1 - wd lr) every step)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate; None means 0.03 with --optimizer sgd, 0.002 with adam")
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (not on BatchNorm parameters and "
+                   "biases); None means 5e-4 with sgd, 0.02 with adam")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weight EMA used for evaluation")
+    p.add_argument("--epochs", type=int, default=1024, help="number of 'epochs' of --steps-per-epoch steps (2^20 "
+                   "steps in all by default)")
+    p.add_argument("--steps-per-epoch", type=int, default=1024,
+                   help="steps per epoch; the lr schedule spans epochs * steps-per-epoch")
+    p.add_argument("--eval-every", type=int, default=1024, help="evaluate the EMA model on the test set and "
+                   "checkpoint every this many steps")
+    p.add_argument("--log-every", type=int, default=256, help="print a progress line every this many steps")
+    p.add_argument("--depth", type=int, default=28, help="WideResNet depth (6n+4)")
+    p.add_argument("--widen-factor", type=int, default=2, help="WideResNet widen factor")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the labeled split, the initialisation, the batches and the MixUp draws")
+    p.add_argument("--dataset", choices=DATASETS, default="cifar10", help="cifar10, cifar100 (both downloaded into "
+                   "--data-dir if missing), or folder: your own images (README, 'Your own data')")
+    p.add_argument("--image-size", type=int, default=32, help="--dataset folder: the size images are resized to "
+                   "(the shorter side, then a centre crop); CIFAR images are 32")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
+                   "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
+    p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
+                   "runs/remixmatch_n<n-labeled>_seed<seed>, "
+                   "runs/remixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
+    p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
+    args = p.parse_args(argv)
+    run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
+    args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
+    if args.lr is None:
+        args.lr = {"sgd": 0.03, "adam": 0.002}[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = {"sgd": 5e-4, "adam": 0.02}[args.optimizer]
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject impossible settings with one line (DataError -> exit status 2)."""
+    check_data_args(args.dataset, args.n_labeled, args.image_size)  # before any data is read or downloaded
+    checks = [
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.k_strong >= 1, f"--k-strong must be >= 1, got {args.k_strong}"),
+        (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        (args.alpha > 0, f"--alpha must be > 0, got {args.alpha}"),
+        (min(args.lambda_u, args.lambda_u1, args.lambda_rot) >= 0,
+         "--lambda-u, --lambda-u1 and --lambda-rot must be >= 0"),
+        (args.rampup_steps >= 0, f"--rampup-steps must be >= 0, got {args.rampup_steps}"),
+        (args.da_batches >= 1, f"--da-batches must be >= 1, got {args.da_batches}"),
+        (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
+        (min(args.epochs, args.steps_per_epoch, args.eval_every, args.log_every) >= 1,
+         "--epochs, --steps-per-epoch, --eval-every and --log-every must be >= 1"),
+        (args.depth >= 10 and (args.depth - 4) % 6 == 0,
+         f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
+        (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataError(message)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+
+
+# ====================================================================================================
+# Shared plumbing. Every function below is the same, letter for letter, in all five scripts (the supervised
+# baseline lacks pseudo_label_stats); tests/test_skeleton.py holds them so. Edit all five copies alike.
+# ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -658,163 +819,6 @@ def stop_interrupted(step: int, ckpt_path: str) -> int:
         print(f"\ninterrupted at step {step}; rerun the same command to resume from the checkpoint of step "
               f"{ckpt_step}", file=sys.stderr)
     return EXIT_INTERRUPTED
-
-
-# ----------------------------------------------------------------------------------------------------
-# Main loop
-# ----------------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
-    check_args(args)
-    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
-    results_path = os.path.join(args.out, "results.json")
-    if os.path.exists(results_path) and not args.overwrite:
-        print(f"{args.out} already holds a finished run (results.json); nothing to do")
-        return 0
-    data = load_dataset(args.dataset, args.data_dir, args.image_size)
-    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
-    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
-
-    device = torch.device(args.device)
-    amp = device.type == "cuda" if args.amp == "auto" else args.amp
-    torch.backends.cudnn.benchmark = True
-    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
-    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
-
-    torch.manual_seed(args.seed)
-    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
-    model.rot_head = RotationHead(model.num_features)  # attached before the EMA copy and the optimizer are made
-    model = model.to(device, memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model)
-    optimizer = make_optimizer(model, args, device)
-    forward = torch.compile(model) if args.compile else model
-    # Index streams over the labeled subset and over all training images (the unlabeled set includes the
-    # labeled ones, as in the paper, and a folder's unlabeled/ images);
-    # augmentation parameters and MixUp draws come from their own generators.
-    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
-    unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.batch_size, seed=args.seed + 1)
-    aug_generator = torch.Generator().manual_seed(args.seed + 2)
-    mixup_rng = np.random.default_rng(args.seed + 3)
-    # Distribution alignment: p(y) from the labeled split, p~(y) from the model's recent predictions.
-    p_data = labeled_distribution(train_y[labeled.to(device)], data["num_classes"])
-    p_model = PredictionHistory(data["num_classes"], args.da_batches, device)
-
-    total_steps = args.epochs * args.steps_per_epoch
-    warn_if_slow(args, model, device, total_steps)
-    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
-    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
-             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "mixup_rng": mixup_rng,
-             "p_model": p_model}
-    step, elapsed, ckpt_step = 0, 0.0, None
-    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    if ckpt is not None:
-        restore_training_state(parts, ckpt)
-        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
-        print(f"resuming {args.out} from step {step}")
-    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
-    metrics = read_metrics(metrics_path, step)
-    write_metrics(metrics_path, metrics)
-
-    # Images through the network per step: the weak view (forward only), the first strong view un-mixed and
-    # rotated, then the labeled batch and all K + 1 views again, mixed (forward and backward).
-    images_per_step = args.batch_size * (5 + args.k_strong)
-    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
-          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
-    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
-    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
-    names, sums, steps_summed = None, None, 0
-    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
-    result = None
-    try:
-        while step < total_steps:
-            # Adam: constant, as in the paper
-            lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            # Weak by default, as in every RandAugment-based reference (see the docstring); strong is Algorithm 1.
-            augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
-            x_l = augment_labeled(train_x.index_select(0, idx_l), aug_generator)
-            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_uw = weak_augment(u, aug_generator)
-            x_us = strong_augment(u, aug_generator, views=args.k_strong)  # [K, B, ...]
-            lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)
-            ramp = linear_rampup(step, args.rampup_steps)
-            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, lam, perm, ramp, p_data,
-                                       p_model, args, amp, mean_std)
-            ema_update(ema_model, model, args.ema_decay)
-            stats = {**step_stats, **pseudo_label_stats(q.argmax(dim=1), None, train_y[idx_u])}
-            values = torch.stack(list(stats.values()))
-            sums = values if sums is None else sums + values
-            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
-
-            now = time.perf_counter()
-            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
-            # steps of a (re)start, so that the ETA is known at once.
-            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
-                    or now >= next_line):
-                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
-                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
-                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
-                eta = (now - t_eval) / steps_summed * (total_steps - step)
-                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} "
-                      f"(x {mean['loss_x']:.3f}, u {mean['loss_u']:.3f}, u1 {mean['loss_u1']:.3f}, "
-                      f"rot {mean['loss_rot']:.3f}) | ramp {mean['ramp']:.2f} "
-                      f"| guess-acc {mean['pseudo_acc'] or 0:.2f} | lr {lr:.4f} "
-                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
-                      flush=True)
-                next_line = now + PROGRESS_SECONDS
-
-            if step % args.eval_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
-                       **summarize(names, sums, steps_summed),
-                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
-                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-                elapsed += time.perf_counter() - t_eval
-                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
-                           elapsed_s=elapsed)
-                metrics.append(row)
-                write_metrics(metrics_path, metrics)
-                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                      f"loss {result['loss']:.3f}", flush=True)
-                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
-                ckpt_step = step
-                sums, steps_summed, t_eval = None, 0, time.perf_counter()
-    except KeyboardInterrupt:
-        return stop_interrupted(step, ckpt_path)
-
-    if result is None:  # resumed from the final checkpoint: results.json was not written yet
-        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-    top1 = [m["test_top1"] for m in metrics]
-    results = {
-        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
-        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
-        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
-        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
-        "classes": data["classes"],
-        "wall_time_s": elapsed,
-        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "args": vars(args),
-    }
-    write_json(results_path, results)
-    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
-          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
-    130 interrupted."""
-    args = parse_args(argv)
-    with contextlib.ExitStack() as lock:
-        try:
-            return train(args, argv, lock)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
-            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -39,6 +39,178 @@ ALGORITHM = "supervised"
 
 
 # ----------------------------------------------------------------------------------------------------
+# Optimisation: the shared recipe (SGD + Nesterov, cosine decay, weight decay off BN/biases, weight EMA)
+# ----------------------------------------------------------------------------------------------------
+def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
+    """lr * cos(7 pi k / (16 K)): decays to about 0.2 lr at the end rather than to 0 (FixMatch, Sec. 4)."""
+    return base_lr * math.cos(7 * math.pi * step / (16 * total_steps))
+
+
+def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim > 1]      # conv and linear weights
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm scales/shifts and biases
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training step
+# ----------------------------------------------------------------------------------------------------
+def train_step(model, optimizer, x_l, y_l, args, amp: bool,
+               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> dict:
+    """One supervised step on the labeled batch. Returns the step's statistics by name (tensors on the device: no
+    host sync). mean_std is the data set's (mean, std) for normalize."""
+    x = normalize(x_l, *mean_std).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y_l)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------
+def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
+    check_args(args)
+    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
+    results_path = os.path.join(args.out, "results.json")
+    if os.path.exists(results_path) and not args.overwrite:
+        print(f"{args.out} already holds a finished run (results.json); nothing to do")
+        return 0
+    data = load_dataset(args.dataset, args.data_dir, args.image_size)
+    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
+    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
+
+    device = torch.device(args.device)
+    amp = device.type == "cuda" if args.amp == "auto" else args.amp
+    torch.backends.cudnn.benchmark = True
+    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
+    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
+    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
+
+    torch.manual_seed(args.seed)
+    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema_model = copy.deepcopy(model)
+    optimizer = make_optimizer(model, args, device)
+    forward = torch.compile(model) if args.compile else model
+    # An index stream over the labeled subset; augmentation parameters come from their own CPU generator.
+    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
+    aug_generator = torch.Generator().manual_seed(args.seed + 2)
+
+    total_steps = args.epochs * args.steps_per_epoch
+    warn_if_slow(args, model, device, total_steps)
+    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
+    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
+             "aug_generator": aug_generator}
+    step, elapsed, ckpt_step = 0, 0.0, None
+    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
+    if ckpt is not None:
+        restore_training_state(parts, ckpt)
+        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
+        print(f"resuming {args.out} from step {step}")
+    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
+    metrics = read_metrics(metrics_path, step)
+    write_metrics(metrics_path, metrics)
+
+    images_per_step = args.batch_size  # images through the network per step
+    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
+          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
+    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
+    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
+    names, sums, steps_summed = None, None, 0
+    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
+    result = None
+    try:
+        while step < total_steps:
+            lr = cosine_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx_l = labeled_batches()
+            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)  # x[idx] is ~15x slower on CPU
+            stats = train_step(forward, optimizer, x_l, train_y[idx_l], args, amp, mean_std)
+            ema_update(ema_model, model, args.ema_decay)
+            values = torch.stack(list(stats.values()))
+            sums = values if sums is None else sums + values
+            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
+
+            now = time.perf_counter()
+            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
+            # steps of a (re)start, so that the ETA is known at once.
+            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
+                    or now >= next_line):
+                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
+                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
+                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
+                eta = (now - t_eval) / steps_summed * (total_steps - step)
+                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} | lr {lr:.4f} "
+                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
+                      flush=True)
+                next_line = now + PROGRESS_SECONDS
+
+            if step % args.eval_every == 0 or step == total_steps:
+                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
+                       **summarize(names, sums, steps_summed),
+                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
+                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+                elapsed += time.perf_counter() - t_eval
+                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
+                           elapsed_s=elapsed)
+                metrics.append(row)
+                write_metrics(metrics_path, metrics)
+                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
+                      f"loss {result['loss']:.3f}", flush=True)
+                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
+                ckpt_step = step
+                sums, steps_summed, t_eval = None, 0, time.perf_counter()
+    except KeyboardInterrupt:
+        return stop_interrupted(step, ckpt_path)
+
+    if result is None:  # resumed from the final checkpoint: results.json was not written yet
+        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
+    top1 = [m["test_top1"] for m in metrics]
+    results = {
+        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
+        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
+        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
+        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
+        "classes": data["classes"],
+        "wall_time_s": elapsed,
+        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "args": vars(args),
+    }
+    write_json(results_path, results)
+    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
+          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
+    130 interrupted."""
+    args = parse_args(argv)
+    with contextlib.ExitStack() as lock:
+        try:
+            return train(args, argv, lock)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
+            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------------
 # Arguments
 # ----------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,45 +277,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Optimisation: the shared recipe (SGD + Nesterov, cosine decay, weight decay off BN/biases, weight EMA)
-# ----------------------------------------------------------------------------------------------------
-def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
-    """lr * cos(7 pi k / (16 K)): decays to about 0.2 lr at the end rather than to 0 (FixMatch, Sec. 4)."""
-    return base_lr * math.cos(7 * math.pi * step / (16 * total_steps))
-
-
-def make_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.ndim > 1]      # conv and linear weights
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BatchNorm scales/shifts and biases
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True, fused=device.type == "cuda")
-
-
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model for the weights; BatchNorm statistics are copied."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-    torch._foreach_copy_(list(ema.buffers()), list(model.buffers()))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training step
-# ----------------------------------------------------------------------------------------------------
-def train_step(model, optimizer, x_l, y_l, args, amp: bool,
-               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> dict:
-    """One supervised step on the labeled batch. Returns the step's statistics by name (tensors on the device: no
-    host sync). mean_std is the data set's (mean, std) for normalize."""
-    x = normalize(x_l, *mean_std).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x)
-    loss = F.cross_entropy(logits.float(), y_l)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.detach()}
-
-
+# ====================================================================================================
+# Shared plumbing. Every function below is the same, letter for letter, in all five scripts (the supervised
+# baseline lacks pseudo_label_stats); tests/test_skeleton.py holds them so. Edit all five copies alike.
+# ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------
@@ -376,139 +513,6 @@ def stop_interrupted(step: int, ckpt_path: str) -> int:
         print(f"\ninterrupted at step {step}; rerun the same command to resume from the checkpoint of step "
               f"{ckpt_step}", file=sys.stderr)
     return EXIT_INTERRUPTED
-
-
-# ----------------------------------------------------------------------------------------------------
-# Main loop
-# ----------------------------------------------------------------------------------------------------
-def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
-    check_args(args)
-    ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
-    results_path = os.path.join(args.out, "results.json")
-    if os.path.exists(results_path) and not args.overwrite:
-        print(f"{args.out} already holds a finished run (results.json); nothing to do")
-        return 0
-    data = load_dataset(args.dataset, args.data_dir, args.image_size)
-    labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
-    prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
-
-    device = torch.device(args.device)
-    amp = device.type == "cuda" if args.amp == "auto" else args.amp
-    torch.backends.cudnn.benchmark = True
-    train_x, train_y = data["train_x"].to(device), data["train_y"].to(device)
-    test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
-    mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
-
-    torch.manual_seed(args.seed)
-    model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
-    model = model.to(device, memory_format=torch.channels_last)
-    ema_model = copy.deepcopy(model)
-    optimizer = make_optimizer(model, args, device)
-    forward = torch.compile(model) if args.compile else model
-    # An index stream over the labeled subset; augmentation parameters come from their own CPU generator.
-    labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
-    aug_generator = torch.Generator().manual_seed(args.seed + 2)
-
-    total_steps = args.epochs * args.steps_per_epoch
-    warn_if_slow(args, model, device, total_steps)
-    # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
-    parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
-             "aug_generator": aug_generator}
-    step, elapsed, ckpt_step = 0, 0.0, None
-    ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
-    if ckpt is not None:
-        restore_training_state(parts, ckpt)
-        step, elapsed, ckpt_step = ckpt["step"], ckpt["elapsed"], ckpt["step"]
-        print(f"resuming {args.out} from step {step}")
-    # metrics.jsonl holds exactly the checkpoint's rows: rows written after it and a half-written line go.
-    metrics = read_metrics(metrics_path, step)
-    write_metrics(metrics_path, metrics)
-
-    images_per_step = args.batch_size  # images through the network per step
-    print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
-          f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
-    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
-    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
-    names, sums, steps_summed = None, None, 0
-    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
-    result = None
-    try:
-        while step < total_steps:
-            lr = cosine_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx_l = labeled_batches()
-            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)  # x[idx] is ~15x slower on CPU
-            stats = train_step(forward, optimizer, x_l, train_y[idx_l], args, amp, mean_std)
-            ema_update(ema_model, model, args.ema_decay)
-            values = torch.stack(list(stats.values()))
-            sums = values if sums is None else sums + values
-            names, steps_summed, step = list(stats), steps_summed + 1, step + 1
-
-            now = time.perf_counter()
-            # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
-            # steps of a (re)start, so that the ETA is known at once.
-            if (step % args.log_every == 0 or step % args.eval_every == 0 or step in (total_steps, first_line)
-                    or now >= next_line):
-                mean = summarize(names, sums, steps_summed)  # the only host sync between evaluations
-                if not math.isfinite(mean["loss"]):  # checked here, not per step: no host sync in the step
-                    return stop_diverged(args.out, step, mean["loss"], ckpt_step)
-                eta = (now - t_eval) / steps_summed * (total_steps - step)
-                print(f"step {step}/{total_steps} | loss {mean['loss']:.3f} | lr {lr:.4f} "
-                      f"| {steps_summed * images_per_step / (now - t_eval):.0f} img/s | ETA {format_time(eta)}",
-                      flush=True)
-                next_line = now + PROGRESS_SECONDS
-
-            if step % args.eval_every == 0 or step == total_steps:
-                row = {"step": step, "epoch": step / args.steps_per_epoch, "lr": lr,
-                       **summarize(names, sums, steps_summed),
-                       "img_per_s": steps_summed * images_per_step / (time.perf_counter() - t_eval)}
-                result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-                elapsed += time.perf_counter() - t_eval
-                row.update(test_top1=result["top1"], test_top5=result["top5"], test_loss=result["loss"],
-                           elapsed_s=elapsed)
-                metrics.append(row)
-                write_metrics(metrics_path, metrics)
-                print(f"eval step {step}: EMA top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%  "
-                      f"loss {result['loss']:.3f}", flush=True)
-                save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
-                ckpt_step = step
-                sums, steps_summed, t_eval = None, 0, time.perf_counter()
-    except KeyboardInterrupt:
-        return stop_interrupted(step, ckpt_path)
-
-    if result is None:  # resumed from the final checkpoint: results.json was not written yet
-        result = evaluate(ema_model, test_x, test_y, amp, mean_std=mean_std)
-    top1 = [m["test_top1"] for m in metrics]
-    results = {
-        "algorithm": ALGORITHM, "n_labeled": args.n_labeled, "seed": args.seed,
-        "best_top1": max(top1), "median_last20_top1": statistics.median(top1[-20:]),
-        "final_top1": result["top1"], "final_top5": result["top5"], "final_loss": result["loss"],
-        "per_class_top1": result["per_class_top1"], "evaluations": len(metrics), "steps": total_steps,
-        "classes": data["classes"],
-        "wall_time_s": elapsed,
-        "command": " ".join(["python", os.path.basename(__file__)] + (sys.argv[1:] if argv is None else argv)),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "args": vars(args),
-    }
-    write_json(results_path, results)
-    print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
-          f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
-    130 interrupted."""
-    args = parse_args(argv)
-    with contextlib.ExitStack() as lock:
-        try:
-            return train(args, argv, lock)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-        except OSError as e:  # writing the run folder: a full disk, a permission, a vanished folder
-            print(f"error: cannot write {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

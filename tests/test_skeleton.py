@@ -35,6 +35,25 @@ def test_shared_ssl_functions_are_identical_in_every_semi_supervised_script(func
     assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all four copies alike"
 
 
+def shared_plumbing(name: str) -> str:
+    """The text of a script from its 'Shared plumbing' banner to the end."""
+    with open(os.path.join(ROOT, f"{name}.py")) as f:
+        text = f.read()
+    assert text.count("# Shared plumbing.") == 1, name
+    return text[text.index("# Shared plumbing."):]
+
+
+@pytest.mark.parametrize("name", [name for name in SCRIPTS if name != "fixmatch"])
+def test_everything_under_the_shared_banner_is_identical(name):
+    """The banner says the plumbing below it is the same in all five scripts; the supervised baseline's lacks
+    only pseudo_label_stats."""
+    reference = shared_plumbing("fixmatch")
+    if name == "supervised":
+        source = inspect.getsource(importlib.import_module("fixmatch").pseudo_label_stats)
+        reference = reference.replace(source + "\n\n", "")
+    assert shared_plumbing(name) == reference, f"{name}.py's shared plumbing differs from fixmatch.py's"
+
+
 def test_shared_constants_are_identical_in_every_script():
     for constant in SHARED_CONSTANTS:
         values = {name: getattr(importlib.import_module(name), constant) for name in SCRIPTS}
