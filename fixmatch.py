@@ -110,6 +110,7 @@ def train_step(model, optimizer, x_l, y_l, x_uw, x_us, args, amp: bool,
 # Main loop
 # ----------------------------------------------------------------------------------------------------
 def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.ExitStack) -> int:
+    # ---- Run folder, data and device: the same in every script ----
     check_args(args)
     ckpt = check_run_dir(args)  # before the data loads: bad input costs no wait and writes nothing
     results_path = os.path.join(args.out, "results.json")
@@ -127,6 +128,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     test_x, test_y = data["test_x"].to(device), data["test_y"].to(device)
     mean_std = (data["mean"], data["std"])  # the data set's per-channel statistics, for normalize
 
+    # ---- ALGORITHM: the networks, the optimizer, the batch streams and the algorithm's own state ----
     torch.manual_seed(args.seed)
     model = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor)
     model = model.to(device, memory_format=torch.channels_last)
@@ -141,6 +143,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                                       seed=args.seed + 1)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
 
+    # ---- Resume and the loop: the same in every script, but for the parts listed and the step itself ----
     total_steps = args.epochs * args.steps_per_epoch
     warn_if_slow(args, model, device, total_steps)
     # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
@@ -166,6 +169,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     result = None
     try:
         while step < total_steps:
+            # ALGORITHM: one step
             lr = cosine_lr(step, total_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -181,6 +185,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             sums = values if sums is None else sums + values
             names, steps_summed, step = list(stats), steps_summed + 1, step + 1
 
+            # The same in every script but for the fields logged: progress line, evaluation, checkpoint
             now = time.perf_counter()
             # Progress lines: every --log-every steps, at least every PROGRESS_SECONDS, and after the first 3
             # steps of a (re)start, so that the ETA is known at once.
