@@ -200,6 +200,7 @@ def count_syncs(device: torch.device, s: dict) -> dict:
         x_uw, x_us = common.weak_augment(u, g), common.strong_augment(u, g)
         _, pseudo, mask = fixmatch.train_step(model, optimizer, x_l, labels[idx_l], x_uw, x_us, args, amp)
         fixmatch.ema_update(ema, model, args.ema_decay)
+        # The loop's diagnostic and statistics sum, unread as in the loop: any sync in them would count too.
         torch.stack(list(fixmatch.pseudo_label_stats(pseudo, mask, labels[idx_u]).values()))
 
     step()
@@ -366,19 +367,7 @@ def time_model_graphed(images: int, device: torch.device, s: dict, steps: int) -
     """The model-only step (bf16 autocast, fused SGD) captured in one CUDA graph and replayed: the GPU's own time
     for the network's kernels, with no host overhead at all; the floor of any full step on this GPU."""
     torch._dynamo.reset()
-    model = common.WideResNet(depth=int(s["net"][1]), widen_factor=int(s["net"][3])).to(
-        device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=True)
-    x = torch.randn(images, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (images,), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=False)  # in place: a graph replays on the same gradient tensors
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):  # no cast cache inside a graph
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-
+    step = step_throughput.model_step(images, device, int(s["net"][1]), int(s["net"][3]), for_graph=True)
     side = torch.cuda.Stream(device)  # warm-up (momentum buffers, cuDNN's choices) off the default stream
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -619,9 +608,11 @@ def main() -> int:
                     compile_s = row["wall_s"] if compile else compile_s
                 rows.append(row)
         parts["speed"] = {"rows": rows} if "speed" in args.parts else {"skipped": "not asked for (--parts)"}
-        if device.type == "cuda" and "speed" in args.parts:  # FixMatch's images per step
+        fixmatch_images = next((r["images_per_step"] for r in rows if r["script"] == "fixmatch"
+                                and "images_per_step" in r), None)
+        if device.type == "cuda" and fixmatch_images:
             parts["speed"]["graphed"] = attempt("speed", lambda: time_model_graphed(
-                s["batch"] * 15, device, s, max(s["steps"], 20)), 15)
+                fixmatch_images, device, s, max(s["steps"], 20)), 15)
 
         if not has_cifar:
             parts["real_run"] = {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"}

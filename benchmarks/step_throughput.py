@@ -66,10 +66,11 @@ def time_script(algorithm: str, data_dir: str, args: argparse.Namespace) -> tupl
     return rows[1]["img_per_s"], images_per_step
 
 
-def time_model_only(images: int, device: torch.device, depth: int, widen_factor: int, compile: bool, steps: int,
-                    warmup: int | None = None) -> float:
-    """images/s of forward + backward + SGD step on pre-made tensors (the limit a training step can reach);
-    bf16 on CUDA. benchmarks/gpu_check.py measures its model-only figures with this too."""
+def model_step(images: int, device: torch.device, depth: int, widen_factor: int, compile: bool = False,
+               for_graph: bool = False):
+    """A function of no arguments: forward + backward + SGD step of a fresh WRN-depth-widen_factor on `images`
+    pre-made images, bf16 on CUDA. for_graph: gradients zeroed in place and no autocast cast cache, so that a
+    CUDA graph can capture it (benchmarks/gpu_check.py)."""
     amp = device.type == "cuda"
     model = common.WideResNet(depth=depth, widen_factor=widen_factor).to(device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, nesterov=True, weight_decay=5e-4, fused=amp)
@@ -78,13 +79,20 @@ def time_model_only(images: int, device: torch.device, depth: int, widen_factor:
     y = torch.randint(0, 10, (images,), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=not for_graph):
             loss = F.cross_entropy(forward(x).float(), y)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=not for_graph)
         loss.backward()
         opt.step()
 
-    return images / timed(step, steps, device, warmup)
+    return step
+
+
+def time_model_only(images: int, device: torch.device, depth: int, widen_factor: int, compile: bool, steps: int,
+                    warmup: int | None = None) -> float:
+    """images/s of forward + backward + SGD step on pre-made tensors (the limit a training step can reach);
+    bf16 on CUDA. benchmarks/gpu_check.py measures its model-only figures with this too."""
+    return images / timed(model_step(images, device, depth, widen_factor, compile), steps, device, warmup)
 
 
 def timed(fn, steps: int, device: torch.device, warmup: int | None = None) -> float:
