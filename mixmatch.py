@@ -202,13 +202,20 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # ----------------------------------------------------------------------------------------------------
 # Training step
 # ----------------------------------------------------------------------------------------------------
-def train_step(model, optimizer, x_l, y_l, x_u, lam, perm, ramp: float, args, amp: bool,
+def train_step(model, optimizer, x_l, y_l, u, step: int, rngs: tuple, args, amp: bool,
                mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> tuple[dict, torch.Tensor]:
-    """One MixMatch step on the labeled batch x_l [B, ...] and K weak views x_u [K, B, ...] of the unlabeled
-    batch, with the MixUp draws lam, perm [(K + 1) B]. Returns the step's statistics by name (tensors on the
-    device: no host sync), and the guessed labels q [B, C], whose accuracy (of argmax q) the loop measures.
-    mean_std is the data set's (mean, std) for normalize."""
-    k, b = x_u.shape[:2]
+    """One MixMatch step, the whole of Algorithm 1, at (0-based) step `step` on the labeled images x_l and the
+    unlabeled images u [B, ...], both uint8 and not yet augmented: the views, label guessing, MixUp, the two
+    losses and the update. rngs = (aug_generator, mixup_rng) draw the augmentations and the MixUp draws.
+    Returns the step's statistics by name (tensors on the device: no host sync), and the guessed labels q [B, C],
+    whose accuracy (of argmax q) the loop measures. mean_std is the data set's (mean, std) for normalize."""
+    aug_generator, mixup_rng = rngs
+    k, b = args.k, len(u)
+    # The views: one weak augmentation of each labeled image, K of each unlabeled image.
+    x_l = weak_augment(x_l, aug_generator)
+    x_u = weak_augment(u, aug_generator, views=k)  # [K, B, ...]
+    lam, perm = sample_mixup(mixup_rng, (k + 1) * b, args.alpha, u.device)  # MixUp over X^ and the K views
+    ramp = linear_rampup(step, args.rampup_steps)
     # Label guessing: one pass per view in training mode, as the reference, leaving BatchNorm's running
     # statistics alone.
     with (torch.no_grad(), frozen_bn_statistics(model),
@@ -302,13 +309,10 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
-            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_u = weak_augment(u, aug_generator, views=args.k)  # [K, B, ...]
-            lam, perm = sample_mixup(mixup_rng, (1 + args.k) * args.batch_size, args.alpha, device)
-            ramp = linear_rampup(step, args.rampup_steps)
-            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], x_u, lam, perm, ramp, args, amp,
-                                       mean_std)
+            # index_select: x[idx] is ~15x slower for this on CPU
+            x_l, u = train_x.index_select(0, idx_l), train_x.index_select(0, idx_u)
+            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], u, step, (aug_generator, mixup_rng),
+                                       args, amp, mean_std)
             ema_update(ema_model, model, args.ema_decay)
             stats = {**step_stats, **pseudo_label_stats(q.argmax(dim=1), None, train_y[idx_u])}
             values = torch.stack(list(stats.values()))

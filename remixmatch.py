@@ -277,14 +277,24 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # ----------------------------------------------------------------------------------------------------
 # Training step
 # ----------------------------------------------------------------------------------------------------
-def train_step(model, optimizer, x_l, y_l, x_uw, x_us, lam, perm, ramp: float, p_data, p_model, args, amp: bool,
+def train_step(model, optimizer, x_l, y_l, u, step: int, p_data, p_model, rngs: tuple, args, amp: bool,
                mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> tuple[dict, torch.Tensor]:
-    """One ReMixMatch step on the labeled batch x_l [B, ...], the weak view x_uw [B, ...] and K strong views
-    x_us [K, B, ...] of the unlabeled batch, with the MixUp draws lam, perm [(K + 2) B], the labeled class
-    distribution p_data and the PredictionHistory p_model (updated here). Returns the step's statistics by name
-    (tensors on the device: no host sync), and the guessed labels q [B, C], whose accuracy (of argmax q) the loop
-    measures. mean_std is the data set's (mean, std) for normalize."""
-    k, b = x_us.shape[:2]
+    """One ReMixMatch step, the whole of Algorithm 1, at (0-based) step `step` on the labeled images x_l and the
+    unlabeled images u [B, ...], both uint8 and not yet augmented: the views, label guessing with distribution
+    alignment (p_data, the labeled class distribution; p_model, the PredictionHistory, updated here), MixUp, the
+    four losses and the update. rngs = (aug_generator, mixup_rng) draw the augmentations and the MixUp draws.
+    Returns the step's statistics by name (tensors on the device: no host sync), and the guessed labels q [B, C],
+    whose accuracy (of argmax q) the loop measures. mean_std is the data set's (mean, std) for normalize."""
+    aug_generator, mixup_rng = rngs
+    k, b = args.k_strong, len(u)
+    # Augmentation anchoring's views: a weak anchor and K strong views of every unlabeled image. The labeled
+    # images are weakly augmented by default, as in every RandAugment-based reference (see the docstring).
+    augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
+    x_l = augment_labeled(x_l, aug_generator)
+    x_uw = weak_augment(u, aug_generator)
+    x_us = strong_augment(u, aug_generator, views=k)  # [K, B, ...]
+    lam, perm = sample_mixup(mixup_rng, (k + 2) * b, args.alpha, u.device)  # MixUp over X^ and the K + 1 views
+    ramp = linear_rampup(step, args.rampup_steps)
     # Label guessing on the weak view in training mode, as the reference, leaving BatchNorm's running statistics alone.
     with (torch.no_grad(), frozen_bn_statistics(model),
           torch.autocast(x_uw.device.type, dtype=torch.bfloat16, enabled=amp)):
@@ -391,16 +401,10 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
-            # Weak by default, as in every RandAugment-based reference (see the docstring); strong is Algorithm 1.
-            augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
-            x_l = augment_labeled(train_x.index_select(0, idx_l), aug_generator)
-            u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_uw = weak_augment(u, aug_generator)
-            x_us = strong_augment(u, aug_generator, views=args.k_strong)  # [K, B, ...]
-            lam, perm = sample_mixup(mixup_rng, (2 + args.k_strong) * args.batch_size, args.alpha, device)
-            ramp = linear_rampup(step, args.rampup_steps)
-            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], x_uw, x_us, lam, perm, ramp, p_data,
-                                       p_model, args, amp, mean_std)
+            # index_select: x[idx] is ~15x slower for this on CPU
+            x_l, u = train_x.index_select(0, idx_l), train_x.index_select(0, idx_u)
+            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], u, step, p_data, p_model,
+                                       (aug_generator, mixup_rng), args, amp, mean_std)
             ema_update(ema_model, model, args.ema_decay)
             stats = {**step_stats, **pseudo_label_stats(q.argmax(dim=1), None, train_y[idx_u])}
             values = torch.stack(list(stats.values()))

@@ -194,31 +194,40 @@ def test_optimizer_choice_and_its_defaults():
 
 
 def test_train_step_runs_and_reports_its_statistics():
-    from common import WideResNet, normalize
+    from common import WideResNet, normalize, weak_augment
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen_factor=1)
-    args = argparse.Namespace(temperature=0.5, lambda_u=75.0)
+    args = argparse.Namespace(temperature=0.5, lambda_u=75.0, k=2, alpha=0.75, rampup_steps=16)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
     b, k = 4, 2
     x_l = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
-    x_u = torch.randint(0, 256, (k, b, 3, 32, 32), dtype=torch.uint8, generator=g)
+    u = torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g)
     y_l, y_u = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7])
-    lam, perm = sample_mixup(np.random.default_rng(0), (k + 1) * b, 0.75, torch.device("cpu"))
+    rngs = (torch.Generator().manual_seed(1), np.random.default_rng(0))
     w = model.fc.weight.detach().clone()
     before = copy.deepcopy(model)
-    stats, q = train_step(model, opt, x_l, y_l, x_u, lam, perm, 0.5, args, amp=False)
+    stats, q = train_step(model, opt, x_l, y_l, u, 8, rngs, args, amp=False)
     # Named 0-dim statistics on the device, without gradient (the loop sums them with no host sync).
     assert list(stats) == ["loss", "loss_x", "loss_u", "ramp"]
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
     loss, loss_x, loss_u, ramp = (v.item() for v in stats.values())
-    assert math.isclose(loss, loss_x + 75.0 * 0.5 * loss_u, rel_tol=1e-5)
+    assert math.isclose(loss, loss_x + 75.0 * 0.5 * loss_u, rel_tol=1e-5)  # step 8 of a 16-step ramp: 0.5
     assert ramp == 0.5 and 0 < loss_u < 1
     assert not torch.equal(model.fc.weight, w)  # the step changed the weights
+    # The step's views, from its generator in its order: the labeled batch's weak view, then the K unlabeled ones.
+    g = torch.Generator().manual_seed(1)
+    weak_augment(x_l, g)
+    x_u = weak_augment(u, g, views=k)
     # q: the sharpened average of the predictions of the model before the step over the K views, without gradient.
     with torch.no_grad(), frozen_bn_statistics(before):
         expected = guess_labels(torch.stack([before(normalize(view)) for view in x_u]), 0.5)
     assert q.shape == (b, 10) and not q.requires_grad and close(q, expected, 1e-5)
+    # The MixUp draws came from the numpy generator: a lambda per image of X^ and U^, then a permutation.
+    rng = np.random.default_rng(0)
+    rng.beta(0.75, 0.75, size=(k + 1) * b)
+    rng.permutation((k + 1) * b)
+    assert rngs[1].bit_generator.state == rng.bit_generator.state
     # The loop's diagnostic of the guessed label argmax q, without a mask: every true label is known here.
     acc = pseudo_label_stats(q.argmax(dim=1), None, y_u)
     assert list(acc) == ["pseudo_acc", "known_rate"] and acc["known_rate"].item() == 1

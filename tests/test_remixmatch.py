@@ -16,10 +16,10 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import WideResNet, normalize  # noqa: E402
+from common import WideResNet, normalize, weak_augment  # noqa: E402
 from remixmatch import (PredictionHistory, RotationHead, deinterleave, distribution_alignment,  # noqa: E402
                         guess_labels, interleave, labeled_distribution, linear_rampup, mixup, parse_args,
-                        pseudo_label_stats, rotate_batch, sample_mixup, sharpen, soft_cross_entropy, train_step)
+                        pseudo_label_stats, rotate_batch, sharpen, soft_cross_entropy, train_step)
 
 
 def close(a: torch.Tensor, b, tol: float = 1e-6) -> bool:
@@ -154,31 +154,39 @@ def test_rotation_head_is_the_former_inline_linear_head():
     model.load_state_dict(old_model.state_dict())  # strict: an old checkpoint's model loads
 
 
-def step_inputs(b: int = 8, k: int = 2):
+def step_inputs(b: int = 8):
+    """A labeled and an unlabeled batch of uint8 images, not yet augmented, their labels, and the step's generators."""
     g = torch.Generator().manual_seed(1)
-    img = lambda *shape: torch.randint(0, 256, (*shape, 3, 32, 32), dtype=torch.uint8, generator=g)  # noqa: E731
-    x_l, x_uw, x_us = img(b), img(b), img(k, b)
+    x_l, u = (torch.randint(0, 256, (b, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2))
     y_l, y_u = torch.arange(b) % 10, (torch.arange(b) + 3) % 10
-    lam, perm = sample_mixup(np.random.default_rng(0), (k + 2) * b, 0.75, torch.device("cpu"))
-    return x_l, y_l, x_uw, x_us, y_u, lam, perm
+    return x_l, y_l, u, y_u, (torch.Generator().manual_seed(2), np.random.default_rng(0))
+
+
+def step_args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{"temperature": 0.5, "lambda_u": 1.5, "lambda_u1": 0.5, "lambda_rot": 0.5,
+                                 "k_strong": 2, "labeled_aug": "weak", "alpha": 0.75, "rampup_steps": 100, **kw})
 
 
 def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
     model = make_model()
     before = copy.deepcopy(model)
-    args = argparse.Namespace(temperature=0.5, lambda_u=1.5, lambda_u1=0.5, lambda_rot=0.5)
+    args = step_args()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x_l, y_l, x_uw, x_us, y_u, lam, perm = step_inputs()
+    x_l, y_l, u, y_u, rngs = step_inputs()
     history = PredictionHistory(10, 128, torch.device("cpu"))
     p_data = torch.full((10,), 0.1)
-    stats, q = train_step(model, opt, x_l, y_l, x_uw, x_us, lam, perm, 0.25, p_data, history, args, amp=False)
+    stats, q = train_step(model, opt, x_l, y_l, u, 25, p_data, history, rngs, args, amp=False)
     # Named 0-dim statistics on the device, without gradient (the loop sums them with no host sync).
     assert list(stats) == ["loss", "loss_x", "loss_u", "loss_u1", "loss_rot", "ramp"]
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
     loss, loss_x, loss_u, loss_u1, loss_rot, ramp = (v.item() for v in stats.values())
-    # Only lambda_u and lambda_u1 carry the ramp; the rotation loss and L_x do not.
+    # Step 25 of a 100-step ramp: 0.25. Only lambda_u and lambda_u1 carry it; the rotation loss and L_x do not.
     assert math.isclose(loss, loss_x + 0.25 * (1.5 * loss_u + 0.5 * loss_u1) + 0.5 * loss_rot, rel_tol=1e-5)
     assert ramp == 0.25 and loss_rot > 0
+    # The step drew from its generators: the labeled images' weak view first, then the unlabeled weak view.
+    g = torch.Generator().manual_seed(2)
+    weak_augment(x_l, g)
+    x_uw = weak_augment(u, g)
     # p~ was updated once, with the mean prediction on the weak view (train-mode BatchNorm, as in the step).
     assert history.pos == 1
     with torch.no_grad():
@@ -197,15 +205,21 @@ def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
     # The rotation head is its own parameters, and the rotation loss trained it.
     assert model.rot_head.weight.shape == (4, model.num_features) and model.rot_head.weight.grad.abs().sum() > 0
     assert not torch.equal(model.rot_head.weight, before.rot_head.weight)
+    # The MixUp draws came from the numpy generator: one lambda per image of X^ and the K + 1 views, then a
+    # permutation of them.
+    rng = np.random.default_rng(0)
+    rng.beta(0.75, 0.75, size=(2 + 2) * 8)
+    rng.permutation((2 + 2) * 8)
+    assert rngs[1].bit_generator.state == rng.bit_generator.state
 
 
 def test_train_step_without_ramp_or_rotation_weight_is_labeled_loss_only():
     model = make_model()
-    args = argparse.Namespace(temperature=0.5, lambda_u=1.5, lambda_u1=0.5, lambda_rot=0.0)
+    args = step_args(lambda_rot=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x_l, y_l, x_uw, x_us, _, lam, perm = step_inputs()
-    stats, _ = train_step(model, opt, x_l, y_l, x_uw, x_us, lam, perm, 0.0, torch.full((10,), 0.1),
-                          PredictionHistory(10, 128, torch.device("cpu")), args, amp=False)
+    x_l, y_l, u, _, rngs = step_inputs()
+    stats, _ = train_step(model, opt, x_l, y_l, u, 0, torch.full((10,), 0.1),
+                          PredictionHistory(10, 128, torch.device("cpu")), rngs, args, amp=False)
     assert stats["loss"].item() == stats["loss_x"].item()  # ramp 0 at step 0: L = L_x
     assert stats["ramp"].item() == 0 and stats["loss_rot"].item() > 0  # the rotation loss is there, unweighted
     assert model.rot_head.weight.grad.abs().sum() == 0  # nothing but the rotation loss reaches the rotation head
