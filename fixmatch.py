@@ -287,8 +287,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
                    "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
-                   "runs/fixmatch_n<n-labeled>_seed<seed>, "
-                   "runs/fixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
+                   f"runs/{ALGORITHM}_n<n-labeled>_seed<seed>, "
+                   f"runs/{ALGORITHM}_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")

@@ -61,7 +61,7 @@ ALGORITHM = "mixmatch"
 # Algorithm
 # ----------------------------------------------------------------------------------------------------
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sharpen(p, T)_i = p_i^(1/T) / sum_j p_j^(1/T) over the last dimension (Section 3.2, eq. 7)."""
+    """Sharpen(p, T)_i = p_i^(1/T) / sum_j p_j^(1/T) over the last dimension (MixMatch, Section 3.2, eq. 7)."""
     p = p ** (1 / temperature)
     return p / p.sum(dim=-1, keepdim=True)
 
@@ -92,7 +92,7 @@ def sample_mixup(rng: np.random.Generator, n: int, alpha: float,
 def mixup(x: torch.Tensor, targets: torch.Tensor, lam: torch.Tensor,
           perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """MixUp of every example i with example perm[i] of the same pool, images and targets alike:
-    l' = max(l, 1 - l), x'_i = l'_i x_i + (1 - l'_i) x_perm[i] (Section 3.3, eqs. 8-11).
+    l' = max(l, 1 - l), x'_i = l'_i x_i + (1 - l'_i) x_perm[i] (MixMatch, Section 3.3, eqs. 8-11).
 
     l' >= 1/2 keeps each mixed example closer to its own image, so the first |X^| outputs stay "labeled"
     examples and the rest "unlabeled" ones, with their own losses.
@@ -432,8 +432,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ or cifar-100-python/, "
                    "or, for --dataset folder, train/<class>/, test/<class>/ and optionally unlabeled/")
     p.add_argument("--out", default=argparse.SUPPRESS, help="run folder (default: "
-                   "runs/mixmatch_n<n-labeled>_seed<seed>, "
-                   "runs/mixmatch_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
+                   f"runs/{ALGORITHM}_n<n-labeled>_seed<seed>, "
+                   f"runs/{ALGORITHM}_<dataset>_n<n-labeled>_seed<seed> for other data sets than cifar10)")
     p.add_argument("--overwrite", action="store_true", help="start over in --out even if it holds another run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")

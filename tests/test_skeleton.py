@@ -61,13 +61,17 @@ def test_shared_constants_are_identical_in_every_script():
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_each_script_names_itself(name):
+def test_each_script_names_itself(name, capsys):
     """Copy drift: a script made from another must not keep the other's name in its commands, run folders or
-    ALGORITHM (remixmatch.py's --out help once named runs/mixmatch_...)."""
+    ALGORITHM (remixmatch.py's --out help once named runs/mixmatch_...; it is built from ALGORITHM now)."""
     module = importlib.import_module(name)
     assert module.ALGORITHM == name
     with open(os.path.join(ROOT, f"{name}.py")) as f:
         text = f.read()
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     commands = set(re.findall(r"python ([a-z]+)\.py", text))
-    folders = set(re.findall(r"runs/([a-z]+)_n", text))
+    folders = set(re.findall(r"runs/([a-z]+)_n", text + help_text))
     assert commands == {name} and folders == {name}, (commands, folders)
+    assert f"runs/{name}_n<n-labeled>_seed<seed>" in help_text
