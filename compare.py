@@ -17,7 +17,8 @@ Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch
 
 In the report, top-1 is the EMA model's test accuracy: at the final evaluation, the median of the last 20
 evaluations (the papers' convention) and the best evaluation, as mean +- std over seeds (sample std,
-n = number of seeds).
+n = number of seeds); and, when the grid has a supervised row, each row's final top-1 minus supervised's, seed
+by seed (a seed fixes the labeled split, so a pair shares its labeled images).
 Runs whose arguments differ in anything but the seed are never averaged together: they get their own row,
 labelled with the arguments that differ.
 """
@@ -245,6 +246,41 @@ def cell(runs: list[dict], key: str) -> str:
     return (text + f" + {diverged} diverged" if text else f"{diverged} diverged") if diverged else text
 
 
+def paired_differences(rows: dict[str, dict[int, list[dict]]], baseline: str = "supervised",
+                       key: str = "final_top1") -> list[str]:
+    """Markdown lines: each row's top-1 minus the baseline row's, seed by seed, at each number of labels.
+
+    A seed fixes the labeled split (every script calls labeled_split with its --seed), so the two runs of a
+    pair learn from the same labeled images and the split's part of the seed-to-seed noise cancels. Cells:
+    the mean +- sample std of the differences in points (number of pairs) and on how many seeds the row is
+    above the baseline. Nothing when there is no single baseline row."""
+    if baseline not in rows:
+        return []
+    base = {n: {r["args"]["seed"]: r["results"][key] for r in runs if "results" in r}
+            for n, runs in rows[baseline].items()}
+    columns = sorted({n for cells in rows.values() for n in cells})
+    lines = [f"## Difference from {baseline}, paired by seed (top-1 points, final evaluation)", "",
+             "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |", "|---|" + "---|" * len(columns)]
+    for label, cells in rows.items():
+        if label == baseline:
+            continue
+        texts = []
+        for n in columns:
+            diffs = [100 * (r["results"][key] - base[n][r["args"]["seed"]]) for r in cells.get(n, [])
+                     if "results" in r and r["args"]["seed"] in base.get(n, {})]
+            if not diffs:
+                texts.append("")
+            elif len(diffs) == 1:
+                texts.append(f"{diffs[0]:+.2f} (1)")
+            else:
+                above = sum(d > 0 for d in diffs)
+                texts.append(f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} ({len(diffs)}; "
+                             f"above on {above}/{len(diffs)})")
+        lines.append(f"| {label} | " + " | ".join(texts) + " |")
+    return lines + ["", f"Each seed's run minus the {baseline} run of the same seed, which has the same labeled "
+                    "images: mean ± sample std over the seeds (number of pairs).", ""]
+
+
 def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> str:
     diverged = [r for r in unfinished if "diverged" in r]
     unfinished = [r for r in unfinished if "diverged" not in r]
@@ -264,6 +300,7 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
         lines.append("")
     if rows:
         lines += ["Cells: mean ± sample std over seeds (number of seeds). EMA model, full test set.", ""]
+        lines += paired_differences(group_runs(finished))
     settings = {}
     for label, cells in rows.items():
         args = next(iter(cells.values()))[0]["args"]

@@ -171,6 +171,23 @@ def test_dry_run_into_a_closed_pipe_is_quiet(tmp_path):
     assert proc.stderr.read() == b""
 
 
+def test_report_pairs_each_seed_with_the_supervised_run_of_the_same_seed(tmp_path):
+    root = str(tmp_path)
+    for seed, (fix, sup) in enumerate([(0.60, 0.58), (0.61, 0.62), (0.65, 0.60)]):
+        write_run(root, f"fixmatch_n250_seed{seed}", "fixmatch", 250, seed, fix, fix, 0.9)
+        write_run(root, f"supervised_n250_seed{seed}", "supervised", 250, seed, sup, sup, 0.9)
+    write_run(root, "fixmatch_n40_seed0", "fixmatch", 40, 0, 0.5, 0.5, 0.9)  # no supervised run to pair with
+    write_run(root, "fixmatch_n40_seed3", "fixmatch", 40, 3, 0.5, 0.5, 0.9)
+    write_run(root, "supervised_n40_seed0", "supervised", 40, 0, 0.3, 0.3, 0.9, finished=False)
+    text = compare.report(root)
+    # Differences +2, -1, +5 points: mean 2.00, sample std sqrt((0^2 + 3^2 + 3^2) / 2) = 3.00; above on 2 of 3.
+    # At 40 labels the only supervised run is unfinished: nothing to pair.
+    assert "## Difference from supervised, paired by seed" in text
+    assert "| fixmatch |  | +2.00 ± 3.00 (3; above on 2/3) |" in text
+    assert "| supervised |" not in text.split("## Difference from supervised")[1].split("##")[0]
+    assert compare.paired_differences({"fixmatch": {}}) == []  # no baseline row, no table
+
+
 def test_diverged_runs_are_reported_and_never_averaged(tmp_path):
     root = str(tmp_path)
     write_run(root, "fixmatch_n40_seed0", "fixmatch", 40, 0, 0.80, 0.82, 0.99)
