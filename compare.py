@@ -17,8 +17,8 @@ Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch
 
 In the report, top-1 is the EMA model's test accuracy: at the final evaluation, the median of the last 20
 evaluations (the papers' convention) and the best evaluation, as mean +- std over seeds (sample std,
-n = number of seeds); and, when the grid has a supervised row, each row's final top-1 minus supervised's, seed
-by seed (a seed fixes the labeled split, so a pair shares its labeled images).
+n = number of seeds); and, when the grid has a supervised row (or --baseline's), each row's final top-1 minus
+the baseline's, seed by seed (a seed fixes the labeled split, so a pair shares its labeled images).
 Runs whose arguments differ in anything but the seed are never averaged together: they get their own row,
 labelled with the arguments that differ.
 """
@@ -281,7 +281,7 @@ def paired_differences(rows: dict[str, dict[int, list[dict]]], baseline: str = "
                     "images: mean ± sample std over the seeds (number of pairs).", ""]
 
 
-def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> str:
+def markdown_report(finished: list[dict], unfinished: list[dict], out: str, baseline: str = "supervised") -> str:
     diverged = [r for r in unfinished if "diverged" in r]
     unfinished = [r for r in unfinished if "diverged" not in r]
     rows = group_runs(finished + diverged)
@@ -300,7 +300,7 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str) -> s
         lines.append("")
     if rows:
         lines += ["Cells: mean ± sample std over seeds (number of seeds). EMA model, full test set.", ""]
-        lines += paired_differences(group_runs(finished))
+        lines += paired_differences(group_runs(finished), baseline)
     settings = {}
     for label, cells in rows.items():
         args = next(iter(cells.values()))[0]["args"]
@@ -403,12 +403,13 @@ def plot_curves(finished: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def report(out: str) -> str | None:
-    """Write and print the report of every run under `out`; None when there is none."""
+def report(out: str, baseline: str = "supervised") -> str | None:
+    """Write and print the report of every run under `out`, with differences paired by seed against the
+    `baseline` algorithm's runs; None when there is no run."""
     finished, unfinished = load_runs(out)
     if not finished and not unfinished:
         return None
-    text = markdown_report(finished, unfinished, out)
+    text = markdown_report(finished, unfinished, out, baseline)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     for run in finished + unfinished:  # each run's per-evaluation table beside its metrics.jsonl
@@ -445,6 +446,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--slurm", action="store_true", help="write <out>/grid.sbatch (a SLURM array job) and stop")
     p.add_argument("--report", action="store_true", help="only aggregate the runs under --out")
+    p.add_argument("--baseline", default="supervised", choices=ALGORITHMS, help="the report's paired differences "
+                   "are against this algorithm's run of the same seed (default: supervised)")
     return p.parse_args(argv), extra
 
 
@@ -456,7 +459,7 @@ def visible_gpus() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     if args.report:
-        if report(args.out) is None:
+        if report(args.out, args.baseline) is None:
             print(f"error: no runs under {args.out} (no folder holding an args.json); pass the grid's --out",
                   file=sys.stderr)
             return 2
@@ -487,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     gpus = args.gpus.split(",") if args.gpus else visible_gpus()
     failed = run_grid(runs, gpus)
-    report(args.out)
+    report(args.out, args.baseline)
     for r in failed:
         print(f"failed: {r['name']}, log {r['folder']}.log", file=sys.stderr)
     return 1 if failed else 0

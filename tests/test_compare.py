@@ -186,6 +186,12 @@ def test_report_pairs_each_seed_with_the_supervised_run_of_the_same_seed(tmp_pat
     assert "| fixmatch |  | +2.00 ± 3.00 (3; above on 2/3) |" in text
     assert "| supervised |" not in text.split("## Difference from supervised")[1].split("##")[0]
     assert compare.paired_differences({"fixmatch": {}}) == []  # no baseline row, no table
+    # Against FixMatch instead (--baseline fixmatch): supervised is -2, +1, -5 points from it.
+    assert compare.main(["--report", "--out", root, "--baseline", "fixmatch"]) == 0
+    with open(os.path.join(root, "results.md")) as f:
+        text = f.read()
+    assert "## Difference from fixmatch, paired by seed" in text
+    assert "| supervised |  | -2.00 ± 3.00 (3; above on 1/3) |" in text
 
 
 def test_diverged_runs_are_reported_and_never_averaged(tmp_path):
