@@ -376,29 +376,40 @@ def algorithm_colours(runs: list[dict]) -> dict[str, str]:
 
 
 def plot_curves(finished: list[dict], path: str) -> None:
-    """Per run against step: EMA test top-1; mask rate and pseudo-label accuracy where the script logs them."""
+    """Against step, one line per row of the tables and number of labels: EMA test top-1, and the mask rate and
+    pseudo-label accuracy where the script logs them. With several seeds the line is their mean at each
+    evaluation they all reached and the band spans the lowest to the highest seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("test_top1", "EMA test top-1"), ("mask_rate", "mask rate (confident fraction)"),
               ("pseudo_acc", "pseudo-label accuracy (all unlabeled)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4))
     # One colour per algorithm and one line style per number of labels, the same in every panel.
     colours = algorithm_colours(finished)
     sizes = sorted({r["args"]["n_labeled"] for r in finished}, reverse=True)
-    for r in finished:
-        label = os.path.basename(r["folder"])
-        style = ["-", "--", ":", "-."][sizes.index(r["args"]["n_labeled"]) % 4]
-        for ax, (key, _) in zip(axes, panels):
-            points = [(m["step"], m[key]) for m in r["metrics"] if m.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker=".", linestyle=style, color=colours[r["algorithm"]], label=label)
+    for label, cells in group_runs(finished).items():
+        for n, runs in sorted(cells.items(), reverse=True):
+            style = ["-", "--", ":", "-."][sizes.index(n) % 4]
+            name = f"{label}, {n} labels" + (f" ({len(runs)} seeds)" if len(runs) > 1 else "")
+            for ax, (key, _) in zip(axes, panels):
+                series = [{m["step"]: m[key] for m in r["metrics"] if m.get(key) is not None} for r in runs]
+                steps = sorted(set.intersection(*(set(s) for s in series)))
+                if not steps:
+                    continue
+                values = [[s[step] for s in series] for step in steps]
+                colour = colours[label.split()[0]]
+                ax.plot(steps, [statistics.mean(v) for v in values], marker=".", linestyle=style, color=colour,
+                        label=name)
+                if len(runs) > 1:
+                    ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=colour,
+                                    alpha=0.15, linewidth=0)
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(0.83, 0.5), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
