@@ -246,6 +246,11 @@ def cell(runs: list[dict], key: str) -> str:
     return (text + f" + {diverged} diverged" if text else f"{diverged} diverged") if diverged else text
 
 
+def table_header(columns: list[int]) -> list[str]:
+    """The two header lines of a report table: one column per number of labels."""
+    return ["| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |", "|---|" + "---|" * len(columns)]
+
+
 def paired_differences(rows: dict[str, dict[int, list[dict]]], baseline: str = "supervised",
                        key: str = "final_top1") -> list[str]:
     """Markdown lines: each row's top-1 minus the baseline row's, seed by seed, at each number of labels.
@@ -260,7 +265,7 @@ def paired_differences(rows: dict[str, dict[int, list[dict]]], baseline: str = "
             for n, runs in rows[baseline].items()}
     columns = sorted({n for cells in rows.values() for n in cells})
     lines = [f"## Difference from {baseline}, paired by seed (top-1 points, final evaluation)", "",
-             "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |", "|---|" + "---|" * len(columns)]
+             *table_header(columns)]
     for label, cells in rows.items():
         if label == baseline:
             continue
@@ -292,8 +297,7 @@ def markdown_report(finished: list[dict], unfinished: list[dict], out: str, base
               ("Top-1 accuracy (%), best evaluation", "best_top1"),
               ("Top-5 accuracy (%), final evaluation", "final_top5"))
     for title, key in tables if rows else ():
-        lines += [f"## {title}", "", "| algorithm | " + " | ".join(f"{n} labels" for n in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+        lines += [f"## {title}", "", *table_header(columns)]
         for label, cells in rows.items():
             lines.append(f"| {label} | " + " | ".join(
                 cell(cells[n], key) if n in cells else "" for n in columns) + " |")
