@@ -6,7 +6,8 @@
 Every run is a subprocess of the real script with its own folder under --out, named after its grid point
 (e.g. runs/fixmatch_n250_seed1_batch-size32), so rerunning the same command skips finished runs and resumes
 interrupted ones (the scripts resume from their checkpoint). One run per GPU at a time (--gpus 0,1,...;
-CPU when no GPU is visible). A failing run is reported with its log and does not stop the others.
+--per-gpu N for N at once), or on the CPU when no GPU is visible (--jobs N for N at once, each with its
+share of the cores). A failing run is reported with its log and does not stop the others.
 Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch and flexmatch only).
 
     --dry-run   print the commands and stop
@@ -124,25 +125,48 @@ def is_finished(run: dict) -> bool:
     return any(os.path.exists(os.path.join(run["folder"], f)) for f in ("results.json", "diverged.json"))
 
 
-def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
-    """Run every unfinished run, one at a time per GPU (or on the CPU); return the failed ones."""
+def worker_envs(gpus: list[str], per_gpu: int = 1, jobs: int = 1) -> list[dict[str, str]]:
+    """One environment per worker, each running one run at a time: `per_gpu` workers on each GPU, or, with no
+    GPU, `jobs` workers on the CPU. CPU workers split the cores between them (OMP_NUM_THREADS = cores / jobs)
+    unless the user set OMP_NUM_THREADS: two runs of two threads on two cores make every small op wait."""
+    if gpus:
+        return [{"CUDA_VISIBLE_DEVICES": gpu} for gpu in gpus for _ in range(per_gpu)]
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return [{} for _ in range(jobs)]
+    return [{"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} for _ in range(jobs)]
+
+
+def describe(workers: list[dict[str, str]]) -> str:
+    """'GPU 0,1 (2 per GPU)', 'the CPU (2 at a time, 1 thread each)' or 'the CPU'."""
+    gpus = list(dict.fromkeys(w["CUDA_VISIBLE_DEVICES"] for w in workers if "CUDA_VISIBLE_DEVICES" in w))
+    if gpus:
+        return f"GPU {','.join(gpus)}" + (f" ({len(workers) // len(gpus)} per GPU)" if len(workers) > len(gpus) else "")
+    threads = workers[0].get("OMP_NUM_THREADS")
+    at_once = f" ({len(workers)} at a time{f', {threads} threads each' if threads else ''})"
+    return "the CPU" + (at_once if len(workers) > 1 else "")
+
+
+def run_grid(runs: list[dict], workers: list[dict[str, str]]) -> list[dict]:
+    """Run every unfinished run, one at a time per worker (worker_envs: its environment); return the failed
+    ones."""
     pending = [r for r in runs if not is_finished(r)]
-    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run on "
-          f"{'GPU ' + ','.join(gpus) if gpus else 'the CPU'}", flush=True)
+    print(f"{len(runs)} runs, {len(runs) - len(pending)} finished, {len(pending)} to run on {describe(workers)}",
+          flush=True)
     failed, lock = [], threading.Lock()
 
-    def worker(gpu: str | None) -> None:
+    def worker(env_extra: dict[str, str]) -> None:
+        gpu = env_extra.get("CUDA_VISIBLE_DEVICES")
         while True:
             with lock:
                 if not pending:
                     return
                 run = pending.pop(0)
-            env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
             log = run["folder"] + ".log"
             os.makedirs(os.path.dirname(log) or ".", exist_ok=True)
             print(f"start {run['name']}{' on GPU ' + gpu if gpu is not None else ''} (log {log})", flush=True)
             with open(log, "a") as f:
-                rc = subprocess.run(run["cmd"], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+                rc = subprocess.run(run["cmd"], stdout=f, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **env_extra}).returncode
             with lock:
                 if rc != 0:
                     failed.append(run)
@@ -150,7 +174,7 @@ def run_grid(runs: list[dict], gpus: list[str]) -> list[dict]:
                 print(f"{status} {run['name']}"
                       f"{'' if rc == 0 else f'; see {log}'}", flush=True)
 
-    threads = [threading.Thread(target=worker, args=(g,)) for g in (gpus or [None])]
+    threads = [threading.Thread(target=worker, args=(w,)) for w in workers]
     for t in threads:
         t.start()
     for t in threads:
@@ -458,6 +482,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", default="runs", help="folder holding one folder per run, and the report")
     p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one run per GPU at a time (default: all "
                    "visible; CPU if none)")
+    p.add_argument("--per-gpu", type=int, default=1, metavar="N",
+                   help="runs at once on each GPU (default 1): a small model's step leaves a large GPU mostly idle")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once on the CPU when there is no GPU (default 1); each gets cores / N threads "
+                   "unless OMP_NUM_THREADS is set")
     p.add_argument("--dry-run", action="store_true", help="print the commands and stop")
     p.add_argument("--slurm", action="store_true", help="write <out>/grid.sbatch (a SLURM array job) and stop")
     p.add_argument("--report", action="store_true", help="only aggregate the runs under --out")
@@ -486,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [n for n in args.n_labeled if not 10 <= n <= 50000]
         if bad:
             raise UsageError(f"--n-labeled must be between 10 and 50000, got {bad[0]}")
+        if args.per_gpu < 1 or args.jobs < 1:
+            raise UsageError(f"--per-gpu and --jobs must be >= 1, got {min(args.per_gpu, args.jobs)}")
         sweep = parse_sweep(args.sweep)
         runs = expand_grid(args.algorithms, args.n_labeled, args.seeds, sweep,
                            route_extra(args.algorithms, extra, sweep), args.out)
@@ -504,7 +535,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}: submit with `sbatch {path}`")
         return 0
     gpus = args.gpus.split(",") if args.gpus else visible_gpus()
-    failed = run_grid(runs, gpus)
+    if gpus and args.jobs > 1:
+        print(f"error: --jobs is for runs on the CPU; on GPU {','.join(gpus)} use --per-gpu N", file=sys.stderr)
+        return 2
+    if not gpus and args.per_gpu > 1:
+        print("error: --per-gpu needs a GPU and none is visible; on the CPU use --jobs N", file=sys.stderr)
+        return 2
+    failed = run_grid(runs, worker_envs(gpus, args.per_gpu, args.jobs))
     report(args.out, args.baseline)
     for r in failed:
         print(f"failed: {r['name']}, log {r['folder']}.log", file=sys.stderr)

@@ -59,13 +59,64 @@ def test_run_grid_skips_finished_runs_and_survives_failures(tmp_path, capsys):
     ok = fake("ok", f"open({str(tmp_path / 'ok.ran')!r}, 'w').write('1')")
     bad = fake("bad", "raise SystemExit(4)")
     diverged = fake("diverged", "raise SystemExit(3)")  # the scripts' status for a non-finite loss
-    failed = compare.run_grid([finished, bad, ok, diverged], gpus=[])
+    failed = compare.run_grid([finished, bad, ok, diverged], compare.worker_envs([]))
     assert failed == [bad, diverged]
     assert (tmp_path / "ok.ran").exists()  # the failure did not stop the next run
     out = capsys.readouterr().out
     assert "4 runs, 1 finished, 3 to run" in out and f"FAILED (exit 4) bad; see {bad['folder']}.log" in out
     assert f"DIVERGED (exit 3) diverged; see {diverged['folder']}.log" in out
     assert "start done" not in out
+
+
+def concurrent_runs(tmp_path, names):
+    """Fake runs that each write their environment, then wait (up to 20 s) until every run has started: they
+    finish only if all of them run at the same time."""
+    code = ("import json, os, sys, time; d = sys.argv[1]; name = sys.argv[2]\n"
+            "json.dump({k: os.environ.get(k) for k in ('OMP_NUM_THREADS', 'CUDA_VISIBLE_DEVICES')},"
+            " open(os.path.join(d, name + '.env'), 'w'))\n"
+            f"deadline = time.time() + 20\n"
+            f"while sum(f.endswith('.env') for f in os.listdir(d)) < {len(names)}:\n"
+            "    time.sleep(0.05)\n    assert time.time() < deadline, 'the other runs never started'\n")
+    return [{"name": n, "algorithm": "x", "folder": str(tmp_path / n), "cmd": [sys.executable, "-c", code,
+             str(tmp_path), n]} for n in names]
+
+
+def envs(tmp_path, names):
+    return [json.load(open(tmp_path / f"{n}.env")) for n in names]
+
+
+def test_jobs_run_at_once_on_the_cpu_with_a_share_of_the_cores(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert compare.run_grid(concurrent_runs(tmp_path, ["a", "b"]), compare.worker_envs([], jobs=2)) == []
+    assert envs(tmp_path, ["a", "b"]) == [{"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": None}] * 2
+    assert "2 to run on the CPU (2 at a time, 2 threads each)" in capsys.readouterr().out
+    # The user's OMP_NUM_THREADS wins; more jobs than cores still get one thread each.
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert compare.worker_envs([], jobs=2) == [{}, {}]
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert compare.worker_envs([], jobs=8) == [{"OMP_NUM_THREADS": "1"}] * 8
+    assert compare.worker_envs([], jobs=1) == [{}]  # one job: the scripts' own threading, as before
+
+
+def test_per_gpu_runs_several_at_once_on_each_gpu(tmp_path, capsys):
+    assert compare.worker_envs(["0", "1"], per_gpu=2) == [{"CUDA_VISIBLE_DEVICES": g} for g in "0011"]
+    names = ["a", "b", "c"]
+    assert compare.run_grid(concurrent_runs(tmp_path, names), compare.worker_envs(["5"], per_gpu=3)) == []
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs(tmp_path, names)] == ["5"] * 3
+    assert "3 to run on GPU 5 (3 per GPU)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--jobs", "2", "--gpus", "0"], "--jobs is for runs on the CPU"),
+    (["--per-gpu", "2", "--gpus", ""], "--per-gpu needs a GPU"),
+    (["--jobs", "0"], "--per-gpu and --jobs must be >= 1"),
+])
+def test_jobs_and_per_gpu_bad_input(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(compare, "visible_gpus", lambda: [])
+    assert compare.main(["--out", str(tmp_path), "--algorithms", "supervised", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 def write_run(root, name, algorithm, n, seed, median, best, top5, finished=True, **args):
