@@ -381,9 +381,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
-    75 stopped by SIGTERM or SIGUSR1 (a cluster's preemption or time limit) with a checkpoint of the step it was in:
-    rerun to resume, 130 interrupted (Ctrl-C: a rerun resumes from the last evaluation's checkpoint)."""
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged, 75 stopped
+    by SIGTERM or SIGUSR1 (preemption, time limit) with a checkpoint of that step to resume from, 130 interrupted."""
     args = parse_args(argv)
     with contextlib.ExitStack() as lock:
         try:
