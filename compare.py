@@ -11,7 +11,8 @@ share of the cores). A failing run is reported with its log and does not stop th
 Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch and flexmatch only).
 
     --dry-run   print the commands and stop
-    --slurm     write <out>/grid.sbatch, a SLURM array job with one task per run (same commands, resumable)
+    --slurm     write <out>/grid.sbatch, a SLURM array job with one task per run (same commands, resumable;
+                requeued at the time limit; docs/cluster.md)
     --report    only aggregate: every results.json under --out -> <out>/results.md, accuracy_vs_labels.png,
                 curves.png, and <run folder>/metrics.md, each run's table of epoch, train loss, test top-1 and
                 top-5 (also done at the end of a grid)
@@ -170,7 +171,8 @@ def run_grid(runs: list[dict], workers: list[dict[str, str]]) -> list[dict]:
             with lock:
                 if rc != 0:
                     failed.append(run)
-                status = {0: "done", 3: "DIVERGED (exit 3)"}.get(rc, f"FAILED (exit {rc})")
+                status = {0: "done", 3: "DIVERGED (exit 3)", EXIT_PREEMPTED: "STOPPED by a signal (exit 75; rerun "
+                          "to resume)"}.get(rc, f"FAILED (exit {rc})")
                 print(f"{status} {run['name']}"
                       f"{'' if rc == 0 else f'; see {log}'}", flush=True)
 
@@ -182,16 +184,49 @@ def run_grid(runs: list[dict], workers: list[dict[str, str]]) -> list[dict]:
     return failed
 
 
+EXIT_PREEMPTED = 75  # the scripts' status for "stopped by SIGTERM or SIGUSR1 with a checkpoint of that step"
+# The end of grid.sbatch, after RUNS=(...).
+RUN_AND_REQUEUE = f"""# The run goes in the background so that this shell can pass signals on: bash runs a trap
+# only between commands, and a trapped signal ends `wait` at once.
+signalled=
+trap 'signalled=USR1; kill -USR1 $pid 2>/dev/null' USR1
+trap 'signalled=TERM; kill -TERM $pid 2>/dev/null' TERM
+eval "exec ${{RUNS[$SLURM_ARRAY_TASK_ID]}}" &
+pid=$!
+wait $pid
+while kill -0 $pid 2>/dev/null; do wait $pid; done  # a trap ended the wait: wait again
+wait $pid; status=$?  # the run's exit status (bash keeps it)
+# SIGUSR1 came (the time limit is near) and the run stopped short of the end: its checkpoint, or the one before
+# (a signal during start-up), is where it resumes once requeued. Not after SIGTERM alone: scancel sends that too,
+# and a cancelled task must stay cancelled (SLURM itself requeues a task preempted with PreemptMode=REQUEUE).
+if [ "$signalled" = USR1 ] && {{ [ $status -eq {EXIT_PREEMPTED} ] || [ $status -gt 128 ]; }}; then
+  echo "requeueing task $SLURM_ARRAY_TASK_ID (exit status $status): it resumes from its checkpoint"
+  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
+fi
+exit $status
+"""
+
+
 def slurm_script(runs: list[dict], out: str) -> str:
-    """A SLURM array job with one task per run; each task's command resumes its run if it was cut off."""
+    """A SLURM array job with one task per run, which finishes by itself across time limits and preemptions: two
+    minutes before a task's time limit SLURM sends SIGUSR1 to the batch shell, which passes it to the script; the
+    script checkpoints the step it is in and exits 75, and the shell requeues the task, which resumes from that
+    checkpoint. On preemption the script gets SIGTERM and does the same; SLURM requeues the task itself (--requeue)
+    where the cluster preempts by requeueing. A grid whose every run has --device cpu asks for no GPU."""
+    cpu_only = all(any(a == "--device=cpu" or a == "--device" and b == "cpu" for a, b in zip(r["cmd"], r["cmd"][1:]))
+                   for r in runs)
     lines = ["#!/bin/bash", "#SBATCH --job-name=ssl-grid", f"#SBATCH --array=0-{len(runs) - 1}",
-             "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=8",
+             *([] if cpu_only else ["#SBATCH --gres=gpu:1"]), "#SBATCH --cpus-per-task=8",
              f"#SBATCH --output={os.path.join(out, 'slurm-%A_%a.log')}",
-             "# One task per run. A task that is cut off (time limit, preemption) resumes from its checkpoint",
-             "# when resubmitted; finished runs exit at once.", f"cd {shlex.quote(os.getcwd())}", "RUNS=("]
+             "# A requeued task adds to its log; SLURM may requeue a preempted task; SIGUSR1 to this shell two",
+             "# minutes before the time limit.",
+             "#SBATCH --open-mode=append", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120",
+             "# One task per run. The script checkpoints the step it is in and exits with status 75 on SIGUSR1 or",
+             "# SIGTERM; after SIGUSR1 (the time limit is near) this shell requeues the task, which then resumes from",
+             "# its checkpoint. Finished runs exit at once. See docs/cluster.md.",
+             f"cd {shlex.quote(os.getcwd())}", "RUNS=("]
     lines += [f"  {shlex.quote(shlex.join(['python', *r['cmd'][1:]]))}" for r in runs]
-    lines += [")", 'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
-    return "\n".join(lines)
+    return "\n".join(lines + [")"]) + "\n" + RUN_AND_REQUEUE
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -88,6 +89,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     if os.path.exists(results_path) and not args.overwrite:
         print(f"{args.out} already holds a finished run (results.json); nothing to do")
         return 0
+    stop = catch_stop_signals(lock)  # from here on, SIGTERM and SIGUSR1 only ask the loop to checkpoint and exit
     data = load_dataset(args.dataset, args.data_dir, args.image_size)
     labeled = labeled_split(data["train_y"], args.n_labeled, args.seed, data["num_classes"])
     prepare_run_dir(args, labeled, lock)  # after the data loaded: a failed start leaves nothing behind
@@ -131,8 +133,9 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
           f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
     # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
     # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
-    names, sums, steps_summed = None, None, 0
-    t_eval, next_line, first_line = time.perf_counter(), time.perf_counter() + PROGRESS_SECONDS, step + 3
+    # A checkpoint written on SIGTERM or SIGUSR1 holds these sums and their time: the next row is then exact.
+    names, sums, steps_summed, interval_s = interval_state(ckpt, device)
+    t_eval, next_line, first_line = time.perf_counter() - interval_s, time.perf_counter() + PROGRESS_SECONDS, step + 3
     result = None
     try:
         while step < total_steps:
@@ -178,6 +181,9 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                 save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)})
                 ckpt_step = step
                 sums, steps_summed, t_eval = None, 0, time.perf_counter()
+            if stop and step < total_steps:  # SIGTERM or SIGUSR1 came: checkpoint the step just done, then exit
+                return stop_preempted(stop[0], ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)},
+                                      (names, sums, steps_summed, time.perf_counter() - t_eval))
     except KeyboardInterrupt:
         return stop_interrupted(step, ckpt_path)
 
@@ -202,8 +208,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged,
-    130 interrupted."""
+    """Exit status: 0 done, 2 bad input or a file that cannot be read or written (one line), 3 diverged, 75 stopped
+    by SIGTERM or SIGUSR1 (preemption, time limit) with a checkpoint of that step to resume from, 130 interrupted."""
     args = parse_args(argv)
     with contextlib.ExitStack() as lock:
         try:
@@ -333,7 +339,9 @@ def summarize(names: list[str], sums: torch.Tensor, steps: int) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Flags that do not change what is computed, or where it runs: a rerun may change them and still resume.
 NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "data_dir", "device"}
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130  # exit statuses besides 0 (see the README)
+# Exit statuses besides 0 (see main, the README and docs/cluster.md). 75 is sysexits.h's EX_TEMPFAIL, "try again":
+# grid.sbatch requeues a task that ends with it.
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
 PROGRESS_SECONDS = 30  # a progress line at least this often, whatever --log-every says
 
 
@@ -518,6 +526,38 @@ def stop_interrupted(step: int, ckpt_path: str) -> int:
         print(f"\ninterrupted at step {step}; rerun the same command to resume from the checkpoint of step "
               f"{ckpt_step}", file=sys.stderr)
     return EXIT_INTERRUPTED
+
+
+def catch_stop_signals(stack: contextlib.ExitStack) -> list[int]:
+    """SIGTERM (a cluster's preemption or time limit; `kill`) and SIGUSR1 (which grid.sbatch asks SLURM to send
+    two minutes before the time limit) only append their number to the list returned: the loop reads it after
+    each step (no host sync), writes a checkpoint of that step and exits (stop_preempted). The previous handlers
+    come back when `stack` closes (main called twice in one process, as the tests do)."""
+    caught = []
+    try:
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            stack.callback(signal.signal, signum, signal.signal(signum, lambda number, frame: caught.append(number)))
+    except ValueError:  # main called in a thread other than the main one: only the main thread can catch signals
+        pass
+    return caught
+
+
+def interval_state(ckpt: dict | None, device: torch.device) -> tuple[list | None, torch.Tensor | None, int, float]:
+    """(names, sums, steps_summed, seconds) of the statistics summed since the last evaluation, as stop_preempted
+    checkpointed them; none for a start from step 0, a checkpoint written at an evaluation, or an older one."""
+    if ckpt is None or ckpt.get("sums") is None:
+        return None, None, 0, 0.0
+    return ckpt["names"], ckpt["sums"].to(device), ckpt["steps_summed"], ckpt["interval_s"]
+
+
+def stop_preempted(signum: int, ckpt_path: str, state: dict, interval: tuple) -> int:
+    """SIGTERM or SIGUSR1: checkpoint the step just done (`state`) with the statistics summed since the last
+    evaluation (`interval`: names, sums, steps_summed, seconds; a rerun continues them, see interval_state), and
+    say in one line from which step a rerun resumes."""
+    save_checkpoint(ckpt_path, {**state, **dict(zip(["names", "sums", "steps_summed", "interval_s"], interval))})
+    print(f"stopped by {signal.Signals(signum).name} after step {state['step']}; checkpoint written: rerun the same "
+          f"command to resume from step {state['step']}", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ and a tiny real grid end to end."""
 
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -177,7 +179,38 @@ def test_slurm_script(tmp_path):
                          "--out", out, "--slurm"]) == 0
     text = open(os.path.join(out, "grid.sbatch")).read()
     assert "#SBATCH --array=0-3" in text and "#SBATCH --gres=gpu:1" in text
-    assert text.count("--n-labeled 40") == 4 and 'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"' in text
+    assert text.count("--n-labeled 40") == 4 and 'eval "exec ${RUNS[$SLURM_ARRAY_TASK_ID]}" &' in text
+    for directive in ["--requeue", "--signal=B:USR1@120", "--open-mode=append"]:
+        assert f"#SBATCH {directive}\n" in text
+    assert compare.main(["--algorithms", "supervised", "--out", out, "--slurm", "--", "--device", "cpu"]) == 0
+    assert "--gres" not in open(os.path.join(out, "grid.sbatch")).read()  # a CPU grid waits for no GPU
+
+
+# A stand-in for a training script: exits 75 on SIGUSR1 or SIGTERM, as the scripts do after their checkpoint.
+STOPPABLE_RUN = ("import signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(75)); "
+                 "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); print('ready', flush=True); time.sleep(60)")
+
+
+@pytest.mark.parametrize("signal_name, requeued", [("USR1", True), ("TERM", False)])
+def test_slurm_script_passes_the_signal_on_and_requeues_after_sigusr1_only(signal_name, requeued, tmp_path):
+    """grid.sbatch run by bash as SLURM would, with a stand-in scontrol: the signal sent to the batch shell reaches
+    the run, the shell exits with the run's status 75, and requeues the task after SIGUSR1 (the time limit is
+    near) but not after SIGTERM (which scancel sends too)."""
+    run = {"name": "stoppable", "cmd": [sys.executable, "-c", STOPPABLE_RUN]}
+    script = tmp_path / "grid.sbatch"
+    script.write_text(compare.slurm_script([run], str(tmp_path)))
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.calls'}\n")
+    scontrol.chmod(0o755)
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="0", SLURM_ARRAY_JOB_ID="41",
+               PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    shell = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    assert shell.stdout.readline() == "ready\n"
+    shell.send_signal(getattr(signal, "SIG" + signal_name))
+    assert shell.wait(timeout=30) == 75
+    calls = tmp_path / "scontrol.calls"
+    assert (calls.read_text() if calls.exists() else "") == ("requeue 41_0\n" if requeued else "")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -7,13 +7,14 @@ import fcntl
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from test_scripts import ROOT, SCRIPTS, TINY, assert_golden, metrics, run_main
+from test_scripts import ROOT, SCRIPTS, TINY, assert_golden, metrics, results, run_main
 
 
 def argv_for(name: str, cifar_dir: str, out, *extra: str) -> list[str]:
@@ -73,6 +74,26 @@ def test_interrupt_names_the_step_a_rerun_resumes_from(cifar_dir, tmp_path, monk
     interrupt_at_first_checkpoint(module, monkeypatch)
     assert module.main(argv_for("fixmatch", cifar_dir, tmp_path / "run")) == 130
     assert "resume from the checkpoint of step 4" in capsys.readouterr().err
+
+
+def test_sigusr1_from_outside_stops_the_command_at_a_step_and_a_rerun_ends_as_an_uninterrupted_run(cifar_dir, tmp_path):
+    """The real command line and a real signal from another process, as SLURM sends it before a time limit: exit
+    75 and one line naming the step; the rerun's metrics and results are those of an uninterrupted run."""
+    argv = argv_for("fixmatch", cifar_dir, tmp_path / "run", "--log-every", "1")
+    command = [sys.executable, os.path.join(ROOT, "fixmatch.py"), *argv]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if line.startswith("step 2/12 "):  # between the start and the first evaluation (step 4)
+            proc.send_signal(signal.SIGUSR1)
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=60) == 75, stderr
+    step = int(stderr.split("after step ")[1].split(";")[0])
+    assert 2 <= step < 12 and stderr == (f"stopped by SIGUSR1 after step {step}; checkpoint written: rerun the same "
+                                         f"command to resume from step {step}\n")
+    assert subprocess.run(command, capture_output=True, cwd=tmp_path).returncode == 0
+    assert run_main("fixmatch", argv_for("fixmatch", cifar_dir, tmp_path / "reference")) == 0
+    assert metrics(str(tmp_path / "run")) == metrics(str(tmp_path / "reference"))
+    assert results(str(tmp_path / "run")) == results(str(tmp_path / "reference"))
 
 
 @pytest.mark.parametrize("name", ["supervised", "fixmatch", "mixmatch"])

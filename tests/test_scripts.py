@@ -5,11 +5,14 @@ is not redone, and bad input exits with status 2 and one line."""
 import importlib
 import json
 import os
+import random
+import signal
 import statistics
 import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -119,6 +122,51 @@ def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, mon
     monkeypatch.setattr(module, "save_checkpoint", save)
     assert module.main(argv + ["--out", resumed]) == 0
     assert metrics(resumed) == metrics(out)
+
+
+def signal_during_step(module, monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Send `signum` to this process as the step-th training step (1-based) starts, as a cluster would."""
+    train_step, calls = module.train_step, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), signum)  # the handler runs at once: the step itself is still to come
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_step", signalled)
+
+
+def results(out: str) -> dict:
+    """results.json's accuracies and counts (not its timing)."""
+    with open(os.path.join(out, "results.json")) as f:
+        res = json.load(f)
+    return {k: res[k] for k in ("best_top1", "median_last20_top1", "final_top1", "final_top5", "final_loss",
+                                "per_class_top1", "evaluations", "steps")}
+
+
+def test_sigterm_between_evaluations_checkpoints_that_step_and_resumes_exactly(finished_run, tmp_path, monkeypatch,
+                                                                                capsys):
+    """SIGTERM (a cluster's preemption or time limit) at a seeded random step between two evaluations: the step
+    finishes, a checkpoint of it holds the statistics summed since the last evaluation, the run exits 75 naming
+    the step, and the rerun's metrics.jsonl (timing aside) and results are the uninterrupted run's."""
+    name, argv, out = finished_run
+    module = importlib.import_module(name)
+    step = random.Random(f"sigterm {name}").choice([s for s in range(1, 12) if s % 4])  # not an evaluation step
+    signal_during_step(module, monkeypatch, step)
+    resumed = str(tmp_path / "run")
+    assert module.main(argv + ["--out", resumed]) == module.EXIT_PREEMPTED == 75
+    err = capsys.readouterr().err
+    assert err == (f"stopped by SIGTERM after step {step}; checkpoint written: rerun the same command to resume "
+                   f"from step {step}\n")
+    ckpt = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == step and ckpt["steps_summed"] == step % 4 and ckpt["interval_s"] > 0
+    assert [r["step"] for r in metrics(resumed)] == [s for s in (4, 8) if s < step]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
+    monkeypatch.undo()
+    assert module.main(argv + ["--out", resumed]) == 0
+    assert f"resuming {resumed} from step {step}" in capsys.readouterr().out
+    assert metrics(resumed) == metrics(out) and results(resumed) == results(out)
 
 
 def test_finished_run_is_not_redone(finished_run, capsys):

@@ -1,0 +1,224 @@
+"""compare.py --slurm's grid.sbatch on a real SLURM: a single-node cluster (munged, slurmctld, slurmd; CPU only)
+started in a temporary folder. The grid finishes by itself although one task gets SIGUSR1 mid-run (what SLURM
+sends two minutes before a time limit: the task checkpoints, exits 75 and requeues itself) and another is
+requeued mid-run as a preemption does (SIGTERM: it checkpoints, exits 75, SLURM requeues it); both end with the
+results of an uninterrupted run. Skipped where SLURM is not installed (.ci/run installs slurm-wlm and munge)."""
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from test_scripts import SCRIPTS, TINY, metrics, results, run_main  # puts the scripts' folder on sys.path
+
+import compare  # noqa: E402
+
+SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+DAEMONS = {name: shutil.which(name, path=SBIN) for name in ("munged", "slurmctld", "slurmd")}
+pytestmark = [
+    pytest.mark.skipif(shutil.which("sbatch") is None or None in DAEMONS.values(),
+                       reason="SLURM is not installed (no sbatch, munged, slurmctld or slurmd): "
+                              "apt-get install slurm-wlm munge, as .ci/run does"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="slurmd launches jobs as their user: it needs root"),
+]
+# The grid: 2 algorithms x 2 seeds of the tiny runs, 6 epochs rather than 3 so that a signal sent at step 2 of 24
+# reaches fixmatch (about 0.3 s a step here) well before its end. One CPU per task: two tasks at a time.
+ALGORITHMS, SEEDS = ["fixmatch", "supervised"], [0, 1]
+FLAGS = TINY[:TINY.index("--n-labeled")] + TINY[TINY.index("--n-labeled") + 2:] + SCRIPTS["fixmatch"]
+FLAGS[FLAGS.index("--epochs") + 1] = "6"
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_conf(root: str, cpus: int) -> str:
+    """A single-node cluster in `root`: CPU only, no cgroups, no accounting, on unused ports, state and logs in
+    root. Short intervals keep the test fast: the scheduler runs every second, and a requeued task may start
+    again after 6 s (cred_expire + 1) rather than 121."""
+    return "\n".join([
+        "ClusterName=ssltest", "SlurmctldHost=localhost(127.0.0.1)",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge", "CredType=cred/munge",
+        f"AuthInfo=socket={root}/munge/munge.socket,cred_expire=5",
+        f"StateSaveLocation={root}/state", f"SlurmdSpoolDir={root}/spool",
+        f"SlurmctldPidFile={root}/slurmctld.pid", f"SlurmdPidFile={root}/slurmd.pid",
+        f"SlurmctldLogFile={root}/slurmctld.log", f"SlurmdLogFile={root}/slurmd.log",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none", "MpiDefault=none",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "SchedulerParameters=sched_interval=1",
+        "MessageTimeout=5", "SlurmdTimeout=30", "KillWait=15", "MinJobAge=600", "ReturnToService=2",
+        f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN",
+        "PartitionName=test Nodes=localhost Default=YES MaxTime=INFINITE State=UP", ""])
+
+
+def tail(path: str, lines: int = 15) -> str:
+    if not os.path.exists(path):
+        return f"({path} does not exist)"
+    with open(path, errors="replace") as f:
+        return f"--- {path}\n" + "".join(f.readlines()[-lines:])
+
+
+def slurm(env: dict, *command: str) -> str:
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Start munged, slurmctld and slurmd in the foreground (their pids are ours), wait for the node to be idle;
+    yield (environment for the SLURM commands, folder with the logs). Afterwards, failed or not: cancel every job,
+    wait for them to end, and stop the three daemons by their pids."""
+    root = str(tmp_path_factory.mktemp("slurm"))
+    for folder in ("munge", "state", "spool"):
+        os.makedirs(os.path.join(root, folder))
+    with open(os.path.join(root, "munge", "munge.key"), "wb") as f:
+        f.write(os.urandom(1024))
+    os.chmod(os.path.join(root, "munge", "munge.key"), 0o600)
+    conf = os.path.join(root, "slurm.conf")
+    with open(conf, "w") as f:
+        f.write(slurm_conf(root, min(2, os.cpu_count() or 1)))
+    env = dict(os.environ, SLURM_CONF=conf)
+    m = os.path.join(root, "munge")
+    commands = [
+        [DAEMONS["munged"], "-F", "--force", f"--key-file={m}/munge.key", f"--socket={m}/munge.socket",
+         f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"],
+        [DAEMONS["slurmctld"], "-D", "-i", "-f", conf],
+        [DAEMONS["slurmd"], "-D", "-N", "localhost", "-f", conf],
+    ]
+    daemons, logs = [], [os.path.join(m, "munged.log"), os.path.join(root, "slurmctld.log"),
+                         os.path.join(root, "slurmd.log")]
+    try:
+        for command, log in zip(commands, logs):
+            with open(log + ".out", "w") as out:
+                daemons.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT))
+            if command[0] == DAEMONS["munged"]:
+                wait_for(lambda: os.path.exists(f"{m}/munge.socket"), 10, "munged's socket", logs)
+        wait_for(lambda: node_state(env) == "idle", 30, "the node to be idle", logs)
+        yield env, logs
+    finally:
+        try:
+            subprocess.run(["scancel", "--full", "--user", "root"], env=env, capture_output=True, timeout=30)
+            wait_for(lambda: not slurm(env, "squeue", "-h"), 30, "the jobs to end", logs)
+        except Exception:  # the cluster never came up, or will not answer: stop it all the same
+            pass
+        for process in reversed(daemons):
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pid in stepds_of(root):  # a job step whose slurmd is gone waits for it forever, deaf to SIGTERM
+            os.kill(pid, 9)
+
+
+def stepds_of(root: str) -> list[int]:
+    """The slurmstepd processes of this cluster: those working in its folder (slurmd's, where its log is)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "slurmstepd" and os.readlink(f"/proc/{pid}/cwd").startswith(root):
+                    pids.append(int(pid))
+        except OSError:  # gone meanwhile
+            continue
+    return pids
+
+
+def node_state(env: dict) -> str:
+    try:
+        return slurm(env, "sinfo", "-h", "-N", "-o", "%T").strip()
+    except subprocess.SubprocessError:
+        return ""
+
+
+def wait_for(condition, timeout_s: float, what: str, logs: list[str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s} s for {what}\n" + "\n".join(tail(log) for log in logs))
+        time.sleep(0.1)
+
+
+def task_log(out: str, job: str, task: int) -> str:
+    path = os.path.join(out, f"slurm-{job}_{task}.log")
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def grid(cluster, tmp_path_factory, cifar_dir):
+    """Write the tiny grid with compare.py --slurm, submit it, and as fixmatch's two tasks reach step 2: send
+    SIGUSR1 to task 0's batch shell (`scancel --batch --signal=USR1`, what --signal=B:USR1@120 makes SLURM do
+    before the time limit) and requeue task 1 (`scontrol requeue`, what preemption in PreemptMode=REQUEUE does);
+    wait for the array to end. Returns (runs, grid folder, array job id, seconds it took)."""
+    env, logs = cluster
+    out = str(tmp_path_factory.mktemp("grid"))
+    argv = ["--algorithms", *ALGORITHMS, "--seeds", *map(str, SEEDS), "--n-labeled", "20", "--out", out, "--slurm",
+            "--", *FLAGS, "--data-dir", cifar_dir]
+    assert compare.main(argv) == 0
+    runs = [os.path.join(out, f"{a}_n20_seed{s}") for a in ALGORITHMS for s in SEEDS]  # the array's order
+    start = time.monotonic()
+    job = slurm(env, "sbatch", "--parsable", "--cpus-per-task=1", os.path.join(out, "grid.sbatch")).strip()
+    stops = {0: ["scancel", "--batch", "--signal=USR1", f"{job}_0"], 1: ["scontrol", "requeue", f"{job}_1"]}
+    while stops:
+        for task in list(stops):
+            if "step 2/24 " in task_log(out, job, task):
+                # SLURM 22.05 delivers scancel's signal at once, but while tasks of the same array are pending it
+                # answers "Job can not be altered now, try again later" and scancel retries every 5 s: 2 s will do.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    subprocess.run(stops.pop(task), env=env, capture_output=True, timeout=2)
+        if time.monotonic() - start > TIMEOUT_S:
+            break
+        time.sleep(0.05)
+    wait_for(lambda: not slurm(env, "squeue", "-h", "-j", job), TIMEOUT_S - (time.monotonic() - start),
+             "the array job to end", logs + [os.path.join(out, f"slurm-{job}_{t}.log") for t in range(len(runs))])
+    return runs, out, job, time.monotonic() - start
+
+
+def test_grid_runs_to_the_end_on_slurm_and_reports(grid, cluster):
+    """Every task completed with its results.json, and compare.py --report aggregates the folder."""
+    runs, out, job, _ = grid
+    env, _ = cluster
+    for task, folder in enumerate(runs):
+        assert os.path.exists(os.path.join(folder, "results.json")), task_log(out, job, task)
+        state = slurm(env, "scontrol", "show", "job", f"{job}_{task}")
+        assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state
+    assert compare.main(["--report", "--out", out]) == 0
+    with open(os.path.join(out, "results.md")) as f:
+        report = f.read()
+    assert "fixmatch" in report and "supervised" in report and "## Unfinished runs" not in report
+
+
+@pytest.mark.parametrize("task, signal, requeued_by", [(0, "SIGUSR1", "the batch script"), (1, "SIGTERM", "SLURM")])
+def test_a_task_stopped_mid_run_is_requeued_and_ends_as_an_uninterrupted_run(grid, cluster, task, signal,
+                                                                              requeued_by, cifar_dir, tmp_path):
+    """The task's log says where it stopped and where it resumed; SLURM counts one restart; the run's metrics
+    (timing aside) and results equal the same run's without the stop."""
+    runs, out, job, _ = grid
+    env, _ = cluster
+    log = task_log(out, job, task)
+    stopped = [line for line in log.splitlines() if line.startswith(f"stopped by {signal} after step ")]
+    assert len(stopped) == 1, log
+    step = int(stopped[0].split()[5].rstrip(";"))
+    assert 2 <= step < 24 and f"resume from step {step}" in stopped[0]
+    assert f"resuming {runs[task]} from step {step}" in log
+    assert ("requeueing task 0" in log) == (requeued_by == "the batch script"), log
+    assert "Restarts=1" in slurm(env, "scontrol", "show", "job", f"{job}_{task}")
+    reference = str(tmp_path / "reference")  # the same run, uninterrupted, here
+    assert run_main("fixmatch", ["--n-labeled", "20", "--seed", str(SEEDS[task]), *FLAGS, "--data-dir",
+                                 cifar_dir, "--out", reference]) == 0
+    assert metrics(runs[task]) == metrics(reference) and results(runs[task]) == results(reference)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
