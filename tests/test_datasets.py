@@ -200,7 +200,7 @@ def test_folder_layout_classes_labels_and_unlabeled_images(folder_dir):
     assert (data["train_x"][-5:] >= 245).all()  # the bright unlabeled images, whatever their format
     # Within a class: its files in name order, then its subfolders' (depth first); hidden files are skipped.
     bird = os.path.join(folder_dir, "train", "bird")
-    found = [os.path.splitext(os.path.relpath(p, bird))[0] for p in common._image_paths(bird)]
+    found = [os.path.splitext(os.path.relpath(p, bird))[0] for p in common.image_files(bird)]
     assert found == ["img01", "img02", "img03", os.path.join("more", "img00")]
 
 
