@@ -21,7 +21,11 @@ own and imports only these building blocks.
   uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
   AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
   a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
-- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters).
+- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters); `load_model` reads a
+  finished run's model.pt back (its EMA weights, class names, mean and std), e.g. in another project:
+      model, meta = load_model("runs/fixmatch_n250_seed0/model.pt")
+      x = normalize(read_image("cat.jpg", meta["image_size"])[None], meta["mean"], meta["std"])
+      print(meta["classes"][model(x).argmax()])
 """
 
 import argparse
@@ -926,3 +930,35 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
 
+
+# ----------------------------------------------------------------------------------------------------
+# A trained network: every run writes model.pt at its end (the scripts' save_model), and this reads it back
+# ----------------------------------------------------------------------------------------------------
+MODEL_FILE_VERSION = 1  # model.pt's layout; a later layout gets a new number, so an old reader refuses it clearly
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[WideResNet, dict]:
+    """A run's model.pt -> (the trained WideResNet on `device`, in eval mode; its metadata).
+
+    The metadata is everything in model.pt but the weights: "classes" (names, in the order of the network's
+    outputs), "mean", "std" and "image_size" (what the network expects: `normalize(x, meta["mean"],
+    meta["std"])` of uint8 images of that size, e.g. from `read_image(path, meta["image_size"])`),
+    "architecture" (depth, widen_factor, num_classes), "algorithm", "dataset", "n_labeled", "seed", "steps" and
+    "final_top1" (the EMA model's test top-1 at the end of training). DataError if the file is missing or is no
+    model.pt. The file holds only plain data (read with weights_only=True): loading it runs no code from it.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("version") != MODEL_FILE_VERSION:
+            raise ValueError(f"version {saved.get('version')!r}, expected {MODEL_FILE_VERSION}")
+        arch = saved["architecture"]
+        # Built on the meta device: no random initialisation to overwrite, and the caller's random stream is untouched.
+        with torch.device("meta"):
+            model = WideResNet(arch["num_classes"], depth=arch["depth"], widen_factor=arch["widen_factor"])
+        model.load_state_dict(saved["weights"], assign=True)
+    except Exception as e:  # torch and pickle raise many kinds of errors on a file that is not a model.pt
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{path} is not a readable model.pt ({type(e).__name__}: {reason[:200]})") from None
+    return model.to(device).eval(), {k: v for k, v in saved.items() if k != "weights"}
