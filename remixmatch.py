@@ -461,8 +461,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }
-    # model.pt before results.json, which marks the run finished: a crash between the two leaves a run that a
-    # rerun resumes from its final checkpoint, writing both.
+    # model.pt first: results.json marks the run finished, so a rerun after a crash between the two writes both
     save_model(os.path.join(args.out, "model.pt"), ema_model, args, data, result["top1"])
     write_json(results_path, results)
     print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
