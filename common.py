@@ -21,7 +21,11 @@ own and imports only these building blocks.
   uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
   AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
   a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
-- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters).
+- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters); `load_model` reads a
+  finished run's model.pt back (its EMA weights, class names, mean and std), e.g. in another project:
+      model, meta = load_model("runs/fixmatch_n250_seed0/model.pt")
+      x = normalize(read_image("cat.jpg", meta["image_size"])[None], meta["mean"], meta["std"])
+      print(meta["classes"][model(x).argmax()])
 """
 
 import argparse
@@ -143,8 +147,9 @@ def _visible(names: list[str]) -> list[str]:
     return sorted(n for n in names if not n.startswith("."))
 
 
-def _image_paths(folder: str) -> list[str]:
-    """Every visible file under folder, subfolders included, in a fixed order (sorted names, depth first)."""
+def image_files(folder: str) -> list[str]:
+    """Every visible file under folder, subfolders included, in a fixed order (sorted names, depth first): the
+    files --dataset folder reads as images, and predict.py too."""
     paths = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = _visible(dirs)  # os.walk descends in this order
@@ -172,7 +177,7 @@ def _class_images(split_dir: str, classes: list[str]) -> tuple[list[str], list[i
     """The image files of train/ or test/ and their labels (the class's position in `classes`)."""
     paths, labels = [], []
     for c, name in enumerate(classes):
-        found = _image_paths(os.path.join(split_dir, name))
+        found = image_files(os.path.join(split_dir, name))
         if not found:
             raise DataError(f"{os.path.join(split_dir, name)} holds no images; every class needs at least one "
                             "training and one test image")
@@ -181,24 +186,31 @@ def _class_images(split_dir: str, classes: list[str]) -> tuple[list[str], list[i
     return paths, labels
 
 
+def read_image(path: str, size: int) -> torch.Tensor:
+    """An image file of any format and size -> uint8 [3, size, size], as --dataset folder reads it: the centred
+    square of side min(width, height) resized to size x size (the shorter side to `size`, then a centre crop, in
+    one resampling). DataError if Pillow cannot read it."""
+    try:
+        with Image.open(path) as img:
+            if "transparency" in img.info:  # straight to RGB, Pillow warns (on stderr) for palette images
+                img = img.convert("RGBA")
+            img = img.convert("RGB")
+            w, h = img.size
+            side = min(w, h)
+            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            pixels = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box))
+    except Exception as e:  # Pillow raises many kinds of errors on a file it cannot decode
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {reason}); "
+                        "remove it or replace it") from None
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
 def _read_images(paths: list[str], size: int) -> torch.Tensor:
-    """Images of any format and size -> uint8 [N, 3, size, size]: the centred square of side min(width, height)
-    resized to size x size (the shorter side to `size`, then a centre crop, in one resampling)."""
+    """read_image for every path -> uint8 [N, 3, size, size]."""
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)  # filled in place: large sets are not copied
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                if "transparency" in img.info:  # straight to RGB, Pillow warns (on stderr) for palette images
-                    img = img.convert("RGBA")
-                img = img.convert("RGB")
-                w, h = img.size
-                side = min(w, h)
-                box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-                out[i] = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box)).transpose(2, 0, 1)
-        except Exception as e:  # Pillow raises many kinds of errors on a file it cannot decode
-            reason = str(e).splitlines()[0] if str(e) else ""
-            raise DataError(f"{path} is not an image Pillow can read ({type(e).__name__}: {reason}); "
-                            "remove it or replace it") from None
+        out[i] = read_image(path, size).numpy()
     return torch.from_numpy(out)
 
 
@@ -236,7 +248,7 @@ def load_image_folder(data_dir: str, image_size: int) -> dict:
     train_paths, train_labels = _class_images(train_dir, classes)
     test_paths, test_labels = _class_images(test_dir, classes)
     unlabeled_dir = os.path.join(data_dir, "unlabeled")
-    extra_paths = _image_paths(unlabeled_dir) if os.path.isdir(unlabeled_dir) else []
+    extra_paths = image_files(unlabeled_dir) if os.path.isdir(unlabeled_dir) else []
     train_x = _read_images(train_paths + extra_paths, image_size)  # one tensor: no concatenated copy
     mean, std = channel_stats(train_x[:len(train_paths)])
     return {"train_x": train_x, "train_y": torch.tensor(train_labels + [-1] * len(extra_paths), dtype=torch.int64),
@@ -917,3 +929,36 @@ class WideResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A trained network: every run writes model.pt at its end (the scripts' save_model), and this reads it back
+# ----------------------------------------------------------------------------------------------------
+MODEL_FILE_VERSION = 1  # model.pt's layout; a later layout gets a new number, so an old reader refuses it clearly
+
+
+def load_model(path: str, device: str | torch.device = "cpu") -> tuple[WideResNet, dict]:
+    """A run's model.pt -> (the trained WideResNet on `device`, in eval mode; its metadata).
+
+    The metadata is everything in model.pt but the weights: "classes" (names, in the order of the network's
+    outputs), "mean", "std" and "image_size" (what the network expects: `normalize(x, meta["mean"],
+    meta["std"])` of uint8 images of that size, e.g. from `read_image(path, meta["image_size"])`),
+    "architecture" (depth, widen_factor, num_classes), "algorithm", "dataset", "n_labeled", "seed", "steps" and
+    "final_top1" (the EMA model's test top-1 at the end of training). DataError if the file is missing or is no
+    model.pt. The file holds only plain data (read with weights_only=True): loading it runs no code from it.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved.get("version") != MODEL_FILE_VERSION:
+            raise ValueError(f"version {saved.get('version')!r}, expected {MODEL_FILE_VERSION}")
+        arch = saved["architecture"]
+        # Built on the meta device: no random initialisation to overwrite, and the caller's random stream is untouched.
+        with torch.device("meta"):
+            model = WideResNet(arch["num_classes"], depth=arch["depth"], widen_factor=arch["widen_factor"])
+        model.load_state_dict(saved["weights"], assign=True)
+    except Exception as e:  # torch and pickle raise many kinds of errors on a file that is not a model.pt
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{path} is not a readable model.pt ({type(e).__name__}: {reason[:200]})") from None
+    return model.to(device).eval(), {k: v for k, v in saved.items() if k != "weights"}

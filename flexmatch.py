@@ -49,9 +49,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, NUM_CLASSES, DataError, RandomBatches, WideResNet,
-                    check_data_args, labeled_split, load_dataset, normalize, parse_n_labeled, strong_augment,
-                    weak_augment)
+from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MODEL_FILE_VERSION, NUM_CLASSES, DataError, RandomBatches,
+                    WideResNet, check_data_args, labeled_split, load_dataset, normalize, parse_n_labeled,
+                    strong_augment, weak_augment)
 
 ALGORITHM = "flexmatch"
 
@@ -326,6 +326,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }
+    # model.pt first: results.json marks the run finished, so a rerun after a crash between the two writes both
+    save_model(os.path.join(args.out, "model.pt"), ema_model, args, data, result["top1"])
     write_json(results_path, results)
     print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
           f"{100 * results['median_last20_top1']:.2f}%, best {100 * results['best_top1']:.2f}% -> {results_path}")
@@ -547,7 +549,8 @@ def prepare_run_dir(args: argparse.Namespace, labeled: torch.Tensor, lock: conte
     except BlockingIOError:
         raise DataError(f"another process is training in {args.out}; wait for it to finish, "
                         "or pass another --out") from None
-    stale = ["diverged.json"] + (["checkpoint.pt", "metrics.jsonl", "results.json"] if args.overwrite else [])
+    previous_run = ["checkpoint.pt", "metrics.jsonl", "model.pt", "results.json"]  # a stale model.pt would mislead
+    stale = ["diverged.json"] + (previous_run if args.overwrite else [])
     for name in stale:
         if os.path.exists(os.path.join(args.out, name)):
             os.remove(os.path.join(args.out, name))
@@ -635,6 +638,24 @@ def save_checkpoint(path: str, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     write_atomic(path, buffer.getbuffer())
+
+
+def save_model(path: str, ema_model: torch.nn.Module, args: argparse.Namespace, data: dict, top1: float) -> None:
+    """model.pt, what it takes to apply the trained network elsewhere (common.load_model reads it, predict.py uses
+    it): the EMA model's classifier weights, its architecture, the class names, the data set's mean, std and
+    image size, and where it came from. Plain data only, so that torch.load(..., weights_only=True) reads it."""
+    with torch.device("meta"):  # the classifier's keys, without allocating or drawing random numbers
+        keys = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor).state_dict().keys()
+    # A head used only in training (ReMixMatch's rotation head, in the model's state_dict) is left out; weights
+    # are saved contiguous on the CPU, so the file loads anywhere whatever the training's memory format.
+    weights = {k: v.detach().cpu().contiguous() for k, v in ema_model.state_dict().items() if k in keys}
+    save_checkpoint(path, {
+        "version": MODEL_FILE_VERSION, "weights": weights,
+        "architecture": {"name": "WideResNet", "depth": args.depth, "widen_factor": args.widen_factor,
+                         "num_classes": data["num_classes"]},
+        "classes": list(data["classes"]), "mean": list(data["mean"]), "std": list(data["std"]),
+        "image_size": args.image_size, "algorithm": ALGORITHM, "dataset": args.dataset, "n_labeled": args.n_labeled,
+        "seed": args.seed, "steps": args.epochs * args.steps_per_epoch, "final_top1": top1})
 
 
 def format_time(seconds: float) -> str:

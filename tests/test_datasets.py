@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import common  # noqa: E402
+import predict  # noqa: E402
 from conftest import synthetic_images  # noqa: E402
 from test_flexmatch import FixedLogits  # noqa: E402
 from test_scripts import SCRIPTS  # noqa: E402
@@ -200,7 +201,7 @@ def test_folder_layout_classes_labels_and_unlabeled_images(folder_dir):
     assert (data["train_x"][-5:] >= 245).all()  # the bright unlabeled images, whatever their format
     # Within a class: its files in name order, then its subfolders' (depth first); hidden files are skipped.
     bird = os.path.join(folder_dir, "train", "bird")
-    found = [os.path.splitext(os.path.relpath(p, bird))[0] for p in common._image_paths(bird)]
+    found = [os.path.splitext(os.path.relpath(p, bird))[0] for p in common.image_files(bird)]
     assert found == ["img01", "img02", "img03", os.path.join("more", "img00")]
 
 
@@ -474,7 +475,7 @@ def _check_finished_run(out: str, num_classes: int, classes: list[str], n_labele
 
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
-def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_path):
+def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_path, capsys):
     """All five on 3 unbalanced classes at 24x24, with extra unlabeled images (label -1) in the unlabeled set;
     --n-labeled all takes the 12 train/ images (an unbalanced split) for two of them."""
     n_labeled = "all" if name in ("supervised", "remixmatch") else "6"
@@ -494,6 +495,16 @@ def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_pa
         assert state["p_model"]["buffer"].shape == (3, 3)
     if name != "supervised":  # the unlabeled stream runs over train/ and unlabeled/
         assert len(state["unlabeled_batches"]["perm"]) == 17
+    # model.pt carries this data set's classes, image size, mean and std, and predict.py reads test/ as training
+    # did: its --test-dir accuracy is the run's final top-1.
+    _, meta = common.load_model(os.path.join(out, "model.pt"))
+    data = common.load_dataset("folder", folder_dir, 24)
+    assert meta["classes"] == FOLDER_CLASSES and meta["image_size"] == 24 and meta["architecture"]["num_classes"] == 3
+    assert (meta["mean"], meta["std"]) == (list(data["mean"]), list(data["std"]))
+    assert predict.main([out, "--test-dir", os.path.join(folder_dir, "test"), "--out", str(tmp_path / "p.csv")]) == 0
+    correct, total = map(int, re.search(r"accuracy [0-9.]+% \((\d+)/(\d+) images\)", capsys.readouterr().out).groups())
+    with open(os.path.join(out, "results.json")) as f:
+        assert total == 6 and correct / total == pytest.approx(json.load(f)["final_top1"], abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["flexmatch", "remixmatch"])

@@ -6,16 +6,21 @@ import importlib
 import json
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from common import CIFAR10_MEAN, CIFAR10_STD, WideResNet, load_model, normalize  # noqa: E402
+from conftest import CLASS_NAMES, synthetic_images  # noqa: E402
 
 # Small network, few steps. Each script adds its own flags to make its algorithm do something in a few steps.
 TINY = ["--device", "cpu", "--depth", "10", "--widen-factor", "1", "--batch-size", "8", "--n-labeled", "20",
@@ -51,7 +56,7 @@ def finished_run(request, cifar_dir, tmp_path_factory):
 
 def test_run_folder(finished_run):
     name, _, out = finished_run
-    expected = ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "results.json"]
+    expected = ["args.json", "checkpoint.pt", "labeled_indices.json", "metrics.jsonl", "model.pt", "results.json"]
     assert sorted(os.listdir(out)) == expected
     rows = metrics(out)
     assert [r["step"] for r in rows] == [4, 8, 12]
@@ -65,6 +70,45 @@ def test_run_folder(finished_run):
     assert len(res["per_class_top1"]) == 10 and res["command"].startswith(f"python {name}.py")
     with open(os.path.join(out, "labeled_indices.json")) as f:
         assert len(json.load(f)) == 20
+
+
+def test_model_file_holds_the_ema_classifier(finished_run):
+    """model.pt: load_model gives an eval-mode network whose logits are those of the checkpoint's EMA model
+    (ReMixMatch's rotation head left out), and the metadata needed to apply it; a fraction of the checkpoint."""
+    name, _, out = finished_run
+    model, meta = load_model(os.path.join(out, "model.pt"))
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    head = {k for k in ckpt["ema_model"] if k.startswith("rot_head.")}
+    assert bool(head) == (name == "remixmatch")
+    ema = WideResNet(10, depth=10, widen_factor=1)
+    ema.load_state_dict({k: v for k, v in ckpt["ema_model"].items() if k not in head})
+    x = normalize(torch.from_numpy(synthetic_images(np.arange(10), seed=5)), meta["mean"], meta["std"])
+    assert not model.training and all(p.requires_grad for p in model.parameters())  # fine-tunable, as any module
+    with torch.no_grad():
+        assert torch.equal(model(x), ema.eval()(x))
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert meta == {"version": 1, "architecture": {"name": "WideResNet", "depth": 10, "widen_factor": 1,
+                                                   "num_classes": 10},
+                    "classes": CLASS_NAMES, "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD), "image_size": 32,
+                    "algorithm": name, "dataset": "cifar10", "n_labeled": 20, "seed": 0, "steps": 12,
+                    "final_top1": results["final_top1"]}
+    assert os.path.getsize(os.path.join(out, "model.pt")) < os.path.getsize(os.path.join(out, "checkpoint.pt")) / 3
+
+
+def test_resumed_finished_run_writes_its_model_file(finished_run, tmp_path):
+    """A run resumed from its final checkpoint without results.json (a crash at the very end, or a run from
+    before model.pt) writes model.pt and results.json, the same as the uninterrupted run's."""
+    name, argv, out = finished_run
+    resumed = str(tmp_path / "run")
+    shutil.copytree(out, resumed)
+    os.remove(os.path.join(resumed, "results.json"))
+    os.remove(os.path.join(resumed, "model.pt"))
+    assert run_main(name, argv + ["--out", resumed]) == 0
+    saved, again = (torch.load(os.path.join(d, "model.pt"), weights_only=True) for d in (out, resumed))
+    assert saved.keys() == again.keys() and all(torch.equal(saved["weights"][k], again["weights"][k])
+                                                for k in saved["weights"])
+    assert {k: v for k, v in saved.items() if k != "weights"} == {k: v for k, v in again.items() if k != "weights"}
 
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")

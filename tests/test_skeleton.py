@@ -12,9 +12,9 @@ from test_scripts import ROOT, SCRIPTS
 
 # Functions that must be the same, letter for letter, in all five scripts: the shared plumbing and recipe.
 SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_dir", "strict", "write_atomic",
-          "write_json", "write_metrics", "read_metrics", "save_checkpoint", "format_time", "warn_if_slow",
-          "stop_diverged", "stop_interrupted", "main", "summarize", "training_state", "restore_training_state",
-          "catch_stop_signals", "interval_state", "stop_preempted"]
+          "write_json", "write_metrics", "read_metrics", "save_checkpoint", "save_model", "format_time",
+          "warn_if_slow", "stop_diverged", "stop_interrupted", "main", "summarize", "training_state",
+          "restore_training_state", "catch_stop_signals", "interval_state", "stop_preempted"]
 # The same in the four semi-supervised scripts (the supervised baseline has no pseudo-labels).
 SHARED_SSL = ["pseudo_label_stats"]
 SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
