@@ -41,10 +41,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-# What each peer imports without using it for FixMatch on CIFAR-10: tensorboard (kekmodel's SummaryWriter), tqdm
+# What each peer imports without using it for FixMatch on CIFAR-10: tensorboard (torch's SummaryWriter), tqdm
 # (progress bars), and USB's text, audio, medical-image, ViT, experiment-tracking and metrics dependencies.
 OPTIONAL = {"kekmodel": ["tensorboard", "tqdm"],
-            "usb": ["tqdm", "transformers", "torchaudio", "skimage", "wandb", "aim", "timm", "sklearn"]}
+            "usb": ["tensorboard", "tqdm", "transformers", "torchaudio", "skimage", "wandb", "aim", "timm", "sklearn"]}
 STOOD_IN: list[str] = []
 
 
@@ -96,9 +96,7 @@ def install_stand_ins(peer: str) -> None:
     import torch._dynamo  # noqa: F401  (it probes for optional libraries at import: let it see only real ones)
 
     sys.meta_path.append(_StandInFinder(OPTIONAL[peer]))
-    if peer != "kekmodel":
-        return
-    try:  # kekmodel's train.py imports SummaryWriter; torch's module raises ImportError without tensorboard
+    try:  # both import torch's SummaryWriter, whose module raises ImportError without tensorboard
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         sys.modules["torch.utils.tensorboard"] = types.SimpleNamespace(SummaryWriter=_Unused("SummaryWriter"))
