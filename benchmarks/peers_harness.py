@@ -334,7 +334,7 @@ def main() -> int:
     p.add_argument("--max-s", type=float, default=10.0, help="stop timing after this many seconds")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the main process")
     a = p.parse_args()
-    a.peers_dir = os.path.abspath(a.peers_dir)
+    a.peers_dir, a.out = os.path.abspath(a.peers_dir), os.path.abspath(a.out)  # the harness changes directory
     if a.threads:
         torch.set_num_threads(a.threads)
     if not os.path.isfile(peer_code_path(a.peers_dir, a.peer)):
