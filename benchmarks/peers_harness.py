@@ -25,6 +25,7 @@ for the DataLoader, the precision, the stand-ins and notes.
 """
 
 import argparse
+import importlib
 import importlib.abc
 import importlib.machinery
 import json
@@ -46,6 +47,10 @@ import common  # noqa: E402
 OPTIONAL = {"kekmodel": ["tensorboard", "tqdm"],
             "usb": ["tensorboard", "tqdm", "transformers", "torchaudio", "skimage", "wandb", "aim", "timm", "sklearn"]}
 STOOD_IN: list[str] = []
+# The names the peers import from modules that may have to be stood in for by sys.modules entries.
+USED_NAMES = {"torch.utils.tensorboard": ["SummaryWriter"], "timm.models.layers": ["DropPath", "to_2tuple"],
+              "sklearn.metrics": ["accuracy_score", "balanced_accuracy_score", "precision_score", "recall_score",
+                                  "f1_score", "confusion_matrix", "top_k_accuracy_score"]}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,11 +101,14 @@ def install_stand_ins(peer: str) -> None:
     import torch._dynamo  # noqa: F401  (it probes for optional libraries at import: let it see only real ones)
 
     sys.meta_path.append(_StandInFinder(OPTIONAL[peer]))
-    try:  # both import torch's SummaryWriter, whose module raises ImportError without tensorboard
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError:
-        sys.modules["torch.utils.tensorboard"] = types.SimpleNamespace(SummaryWriter=_Unused("SummaryWriter"))
-        STOOD_IN.append("torch.utils.tensorboard")
+    # Installed but failing modules: torch's SummaryWriter raises ImportError without tensorboard (both peers import
+    # it); USB's ViT imports timm.models.layers, a module newer timm releases may drop (the GPU machines have timm).
+    for name in ["torch.utils.tensorboard"] + (["timm.models.layers", "sklearn.metrics"] if peer == "usb" else []):
+        try:
+            importlib.import_module(name)
+        except Exception:  # any failure: the timed code paths only import it
+            sys.modules[name] = types.SimpleNamespace(**{attr: _Unused(f"{name}.{attr}") for attr in USED_NAMES[name]})
+            STOOD_IN.append(name)
 
 
 # ----------------------------------------------------------------------------------------------------
