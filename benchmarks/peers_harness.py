@@ -63,7 +63,7 @@ class _Unused:
         self.name = name
 
     def __call__(self, *args, **kwargs):
-        raise RuntimeError(f"{self.name} is a stand-in (the module is not installed) and was used")
+        raise RuntimeError(f"{self.name} is a stand-in (its module is absent or failed to import) and was used")
 
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
