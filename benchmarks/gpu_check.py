@@ -1,6 +1,6 @@
 """The first thing to run on a CUDA machine: one command that checks what a first GPU run must confirm.
 
-    python benchmarks/gpu_check.py --out gpu_check_h100 [--data-dir ../shared/cifar10]    # CUDA, <= 8 minutes
+    python benchmarks/gpu_check.py --out gpu_check_h100 [--data-dir ../shared/cifar10]    # CUDA, <= 8.5 minutes
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/rehearsal             # CPU rehearsal, <= 5 min
 
 It writes report.md and report.json into --out. The parts, in order:
@@ -16,14 +16,21 @@ It writes report.md and report.json into --out. The parts, in order:
    synthetic data, 2 windows of --steps steps, the second one timed (warm-up and compilation excluded).
    Step time, images/s, the same network's forward + backward + SGD step alone on as many images
    ("model-only"), full / model-only, peak memory, graphs compiled in the first step and recompilations after.
-4. A real run, if CIFAR-10 is in --data-dir: FixMatch WRN-28-2 at 4000 labels with the full 2^20-step
-   schedule, --compile, stopped after as many steps as fit in --real-run-s seconds, with >= 2 evaluations:
-   accuracy, steps/s and the projected wall time of 2^20 steps. Without CIFAR-10 the other parts still run
-   (synthetic data): a GPU machine may take only a small upload.
+4. A real run, if CIFAR-10 is in --data-dir: FixMatch in the reference setting (WRN-28-2, 1024 labels, B = 64,
+   mu = 7, 16 x 1024 = 16,384 steps with the cosine schedule spanning them, an evaluation every 1024), --compile,
+   to its end or to the last evaluation that --real-run-s allows; then it is reported as "cut short at step N of
+   16,384", with the projected wall time of the whole run. Its metrics are copied to <out>/real_run/. Without
+   CIFAR-10 the other parts still run (synthetic data): a GPU machine may take only a small upload.
+5. Peers, on the same device and at the sizes of part 3: kekmodel/FixMatch-pytorch's and USB's (semilearn)
+   FixMatch training steps with their own DataLoaders and per-image Pillow augmentation (peers_harness.py), and
+   our FixMatch's steps/s divided by theirs. Their code is not part of this project: it is looked for in
+   --peers-dir (benchmarks/README.md, "Peers"), and where it is absent the part says so. They get what the
+   real run left of the budget (the real run's --real-run-s is reserved from the start).
 
 A part that would overrun --budget-s is skipped and the report says so; a part that fails records its error
-and the others still run. --quick shrinks everything (WRN-10-1, B = 8, 3-step windows, --compile timed for
-FixMatch only: a cold compile costs about a minute on a CPU; a short eager real run) so that the CPU plays
+and the others still run; report.md and report.json are rewritten after every part. --quick shrinks everything
+(WRN-10-1, B = 8, 3-step windows, --compile timed for FixMatch only: a cold compile costs about a minute on a CPU;
+the real run's setting scaled down to 4 x 8 steps, eager; peers at B = 8 with 2 workers) so that the CPU plays
 both sides of part 1 and every code path runs; tests/test_gpu_check.py runs it.
 """
 
@@ -37,6 +44,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -52,11 +60,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the scripts and common.py live one level up
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import peers_harness  # noqa: E402
 import step_throughput  # noqa: E402
 from step_throughput import write_synthetic_cifar  # noqa: E402
 
 SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
-FULL_SCHEDULE = ["--epochs", "1024", "--steps-per-epoch", "1024"]  # 2^20 steps: the papers' cosine schedule
+# The real run's reference setting (issue 23): FixMatch, WRN-28-2, 1024 labels, B = 64, mu = 7, 16 x 1024 steps (the
+# cosine schedule spans these 16,384 steps), an evaluation every 1024; --quick runs the same shape scaled down.
+REFERENCE = {"n_labeled": 1024, "batch": 64, "epochs": 16, "steps_per_epoch": 1024}
+REFERENCE_QUICK = {"n_labeled": 250, "batch": 8, "epochs": 4, "steps_per_epoch": 8}
 
 
 def sizes(quick: bool) -> dict:
@@ -66,9 +78,25 @@ def sizes(quick: bool) -> dict:
         # rehearsal test reuses that test's compiled graphs from inductor's on-disk cache.
         return {"net": ["--depth", "10", "--widen-factor", "1"], "batch": 8, "steps": 3, "n_train": 2000,
                 "extra": {"fixmatch": ["--mu", "1"], "flexmatch": ["--mu", "1"], "remixmatch": ["--k-strong", "2"]},
-                "aug_batch": 64, "n_labeled": 250, "compile_default": ["fixmatch"], "n_test": 200}
+                "aug_batch": 64, "real": REFERENCE_QUICK, "compile_default": ["fixmatch"], "n_test": 200,
+                "peers": {"runs": [["kekmodel", 2], ["usb", 1]], "warmup": 2, "steps": 3, "max_s": 20.0,
+                          "timeout_s": 120.0, "n_labeled": 250}}
     return {"net": ["--depth", "28", "--widen-factor", "2"], "batch": 64, "steps": 40, "n_train": 50000,
-            "extra": {}, "aug_batch": 448, "n_labeled": 4000, "compile_default": SCRIPTS, "n_test": 1000}
+            "extra": {}, "aug_batch": 448, "real": REFERENCE, "compile_default": SCRIPTS, "n_test": 1000,
+            # kekmodel at its default 4 workers and at 16 (the GPU machines' cores); USB at its configs' 1 and at 4
+            # (its unlabeled loader has twice as many). Most telling first: the budget may cut the list short.
+            "peers": {"runs": [["kekmodel", 4], ["usb", 1], ["kekmodel", 16], ["usb", 4]], "warmup": 5, "steps": 30,
+                      "max_s": 6.0, "timeout_s": 45.0, "n_labeled": 1020}}
+
+
+def net_name(s: dict) -> str:
+    return f"WRN-{s['net'][1]}-{s['net'][3]}"
+
+
+def fixmatch_mu(s: dict) -> int:
+    """FixMatch's mu in these sizes: the --mu of its extra flags, else fixmatch.py's default."""
+    extra = s["extra"].get("fixmatch", [])
+    return int(extra[extra.index("--mu") + 1]) if "--mu" in extra else 7
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,45 +413,105 @@ def time_model_graphed(images: int, device: torch.device, s: dict, steps: int) -
 # ----------------------------------------------------------------------------------------------------
 # 4. A real run
 # ----------------------------------------------------------------------------------------------------
-def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, seconds: float, step_s: float,
-                  quick: bool) -> dict:
-    """FixMatch on CIFAR-10 with the full schedule, stopped after the evaluation that ends the time allowed."""
+def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, seconds: float, compile: bool,
+                  out_dir: str) -> dict:
+    """FixMatch in the reference setting on CIFAR-10 from `data_dir`, to its end or to the last evaluation after which
+    the next one would not fit in `seconds` (then it is reported as cut short). Its run folder's small files are
+    copied to out_dir/real_run/."""
     import fixmatch
 
-    evaluations = 4 if seconds / step_s >= 400 else 2
-    eval_s = 2.0 if device.type == "cuda" else 10.0  # a guess for the plan; the report measures it
-    steps = max(evaluations, int((seconds - evaluations * eval_s) / step_s) // evaluations * evaluations)
-    every = steps // evaluations
+    r = s["real"]
+    total, every = r["epochs"] * r["steps_per_epoch"], r["steps_per_epoch"]
     out = os.path.join(work, "real_run")
-    argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--n-labeled", str(s["n_labeled"]),
-            "--batch-size", str(s["batch"]), "--eval-every", str(every), "--log-every", str(every),
-            *FULL_SCHEDULE, *s["net"], *s["extra"].get("fixmatch", [])] + ([] if quick else ["--compile"])
-    saved = []
+    argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--n-labeled", str(r["n_labeled"]),
+            "--batch-size", str(r["batch"]), "--epochs", str(r["epochs"]), "--steps-per-epoch", str(every),
+            "--eval-every", str(every), "--log-every", str(every), *s["net"], *s["extra"].get("fixmatch", [])]
+    argv += ["--compile"] if compile else []
+    start = time.perf_counter()
+    saved = [start]
 
-    def save_until_done(path, state):
+    def save_within_budget(path, state):
         save(path, state)
-        saved.append(state["step"])
-        if len(saved) == evaluations:
-            raise KeyboardInterrupt  # the run stops here, as a Ctrl-C would; its metrics are complete
+        saved.append(time.perf_counter())
+        window = saved[-1] - saved[-2]  # the first one also holds loading and compiling: a cautious estimate
+        if state["step"] < total and saved[-1] - start + window > seconds:
+            raise KeyboardInterrupt  # the run stops here, as a Ctrl-C would; its metrics up to here are complete
 
     torch._dynamo.reset()
-    with patched(fixmatch, "save_checkpoint", save_until_done) as save:
+    with patched(fixmatch, "save_checkpoint", save_within_budget) as save:
         rc, stdout = run_main("fixmatch", argv)
-    assert rc == 130, stdout[-2000:]
+    wall = time.perf_counter() - start
+    assert rc in (0, 130), stdout[-2000:]
+    os.makedirs(os.path.join(out_dir, "real_run"), exist_ok=True)
+    for name in ("args.json", "metrics.jsonl", "results.json"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copy(os.path.join(out, name), os.path.join(out_dir, "real_run", name))
     rows = read_metrics(out)
     images = int(re.search(r"steps of (\d+) images", stdout)[1])
     step_time = images / rows[-1]["img_per_s"]  # the last window: compiled and warm
-    # Evaluation time: what each window took beyond its training steps (the first window also compiles).
-    windows = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
-    eval_time = max(0.0, min(w - every * step_time for w in windows)) if windows else float("nan")
-    total = 2 ** 20
-    projected = total * step_time + total / 1024 * eval_time  # the scripts evaluate every 1024 steps by default
-    return {"steps": steps, "eval_every": every, "images_per_step": images,
-            "evaluations": [{"step": r["step"], "test_top1": r["test_top1"], "test_top5": r["test_top5"],
-                             "loss": r["loss"], "mask_rate": r["mask_rate"], "img_per_s": r["img_per_s"]}
-                            for r in rows],
-            "steps_per_s": 1 / step_time, "eval_s": eval_time, "projected_2pow20_h": projected / 3600,
-            "n_labeled": s["n_labeled"], "quick": quick}
+    # Evaluation time: what each window took beyond its training steps, at least (the first window also loads and
+    # compiles, so it counts only when it is the only one).
+    windows = [rows[0]["elapsed_s"]] + [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(rows, rows[1:])]
+    eval_time = max(0.0, min(w - every * step_time for w in windows))
+    result = {"setting": {**r, "total_steps": total, "net": net_name(s), "mu": fixmatch_mu(s)},
+              "compile": compile, "complete": rc == 0, "steps_done": rows[-1]["step"], "total_steps": total,
+              "eval_every": every, "images_per_step": images, "budget_s": seconds, "wall_s": wall,
+              "evaluations": [{"step": e["step"], "test_top1": e["test_top1"], "test_top5": e["test_top5"],
+                               "loss": e["loss"], "mask_rate": e["mask_rate"], "img_per_s": e["img_per_s"]}
+                              for e in rows],
+              "steps_per_s": 1 / step_time, "eval_s": eval_time,
+              "projected_full_s": total * step_time + total / every * eval_time}
+    if rc == 0:
+        with open(os.path.join(out, "results.json")) as f:
+            res = json.load(f)
+        result.update({k: res[k] for k in ("final_top1", "final_top5", "median_last20_top1", "best_top1",
+                                           "wall_time_s")})
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Peers on the same device
+# ----------------------------------------------------------------------------------------------------
+def part_peers(device: torch.device, s: dict, data_dir: str, peers_dir: str, work: str, left) -> dict:
+    """Each peer's FixMatch step, its own data pipeline included, timed by peers_harness.py in a subprocess (its
+    imports and worker processes stay out of this one) at the sizes of part 3; left() is the time the part has."""
+    p = s["peers"]
+    rows = []
+    for peer, workers in p["runs"]:
+        row = {"peer": peer, "workers": workers}
+        path = peers_harness.peer_code_path(peers_dir, peer)
+        timeout = min(p["timeout_s"], left())
+        if not os.path.isfile(path):
+            row["skipped"] = f"peer code not found at {path}"
+        elif timeout < p["timeout_s"] / 2:
+            row["skipped"] = f"not run: {left():.0f} s of the budget left, {p['timeout_s'] / 2:.0f} s needed"
+        else:
+            print(f"[gpu_check] peers: {peer}, {workers} workers ({left():.0f} s left)", flush=True)
+            row.update(run_peer(peer, workers, device, s, data_dir, peers_dir, work, timeout))
+        rows.append(row)
+    return {"rows": rows}
+
+
+def run_peer(peer: str, workers: int, device: torch.device, s: dict, data_dir: str, peers_dir: str, work: str,
+             timeout: float) -> dict:
+    """peers_harness.py's result for one peer, or {"error": ...} with the last line it printed."""
+    p = s["peers"]
+    out = os.path.join(work, f"peer_{peer}_{workers}.json")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers_harness.py"), peer,
+           "--peers-dir", peers_dir, "--data-dir", data_dir, "--out", out, "--device", str(device),
+           "--depth", s["net"][1], "--widen-factor", s["net"][3], "--batch-size", str(s["batch"]),
+           "--mu", str(fixmatch_mu(s)), "--n-labeled", str(p["n_labeled"]),
+           "--workers", str(workers), "--warmup", str(p["warmup"]), "--steps", str(p["steps"]),
+           "--max-s", str(p["max_s"])] + (["--threads", "1"] if device.type == "cpu" else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit status {proc.returncode}: {last}"[:300]}
+    with open(out) as f:
+        return json.load(f)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -519,22 +607,82 @@ def markdown(report: dict) -> str:
     elif graphed:
         lines += [f"Model-only step in one CUDA graph: {graphed.get('error') or graphed.get('skipped')}", ""]
     lines += ["## 4. Real run", ""]
-    real = parts.get("real_run", {})
-    if "evaluations" in real:
-        lines += [f"FixMatch, {real['n_labeled']} labels, the 2^20-step schedule"
-                  f"{'' if real['quick'] else ', --compile'}, stopped after "
-                  f"{real['steps']} steps (evaluation every {real['eval_every']}, {real['images_per_step']} images "
-                  "per step):", "", "| step | EMA test top-1 | top-5 | loss | mask rate | images/s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {e['step']} | {100 * e['test_top1']:.2f}% | {100 * e['test_top5']:.2f}% | {e['loss']:.3f} | "
-                  f"{e['mask_rate']:.2f} | {e['img_per_s']:.0f} |" for e in real["evaluations"]]
-        lines += ["", f"{real['steps_per_s']:.2f} steps/s, evaluation {real['eval_s']:.1f} s: 2^20 steps with an "
-                  f"evaluation every 1024 would take **{real['projected_2pow20_h']:.2f} h** (goal: <= 3 h on one "
-                  "H100-class GPU).", ""]
+    lines += real_run_lines(parts.get("real_run", {}))
+    lines += ["## 5. Peers on this device", ""]
+    lines += peers_lines(parts, report["sizes"])
     for name, part in parts.items():
         if "error" in part or "skipped" in part:
             lines += [f"- part `{name}`: {part.get('skipped') or 'error: ' + part['error']}"]
     return "\n".join(lines) + "\n"
+
+
+def real_run_lines(real: dict) -> list[str]:
+    """Part 4 in report.md: the setting, the outcome (complete, or cut short and said so), the evaluations."""
+    if "evaluations" not in real:
+        return []
+    r = real["setting"]
+    lines = [f"FixMatch, the reference setting: {r['n_labeled']} labels, {r['net']}, B = {r['batch']}, "
+             f"mu = {r['mu']}, {r['epochs']} x {r['steps_per_epoch']} = {real['total_steps']:,} steps (the "
+             f"cosine schedule spans them), an evaluation every {real['eval_every']}"
+             f"{', --compile' if real['compile'] else ', eager'}; {real['images_per_step']} images per step.", ""]
+    projected = (f"{real['steps_per_s']:.2f} steps/s and {real['eval_s']:.2f} s per evaluation: the full "
+                 f"{real['total_steps']:,} steps take **{real['projected_full_s'] / 60:.1f} min** "
+                 f"({real['projected_full_s']:.0f} s, training and evaluation)")
+    if real["complete"]:
+        lines += [f"**Complete**: final EMA top-1 **{100 * real['final_top1']:.2f}%** (top-5 "
+                  f"{100 * real['final_top5']:.2f}%), median of the last evaluations "
+                  f"{100 * real['median_last20_top1']:.2f}%, best {100 * real['best_top1']:.2f}%; "
+                  f"{real['wall_time_s']:.0f} s of training and evaluation, {real['wall_s']:.0f} s with loading "
+                  f"and compiling. {projected}.", ""]
+    else:
+        last = real["evaluations"][-1]
+        lines += [f"**Cut short at step {real['steps_done']:,} of {real['total_steps']:,}** (the real run's budget, "
+                  f"{real['budget_s']:.0f} s): its last evaluation, EMA top-1 {100 * last['test_top1']:.2f}% at step "
+                  f"{last['step']:,}, is not the result of the full run. Projected: {projected}.", ""]
+    lines += ["| step | EMA test top-1 | top-5 | loss | mask rate | images/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {e['step']} | {100 * e['test_top1']:.2f}% | {100 * e['test_top5']:.2f}% | {e['loss']:.3f} | "
+              f"{e['mask_rate']:.2f} | {e['img_per_s']:.0f} |" for e in real["evaluations"]]
+    return lines + [""]
+
+
+def our_fixmatch(parts: dict) -> dict:
+    """Our FixMatch's steps/s at the sizes of part 3: eager and compiled (part 3, synthetic data) and the real run's."""
+    ours = {f"part 3, {'compiled' if r['compile'] else 'eager'}": 1000 / r["step_ms"]
+            for r in parts.get("speed", {}).get("rows", []) if r.get("script") == "fixmatch" and "step_ms" in r}
+    if "steps_per_s" in parts.get("real_run", {}):
+        ours["real run"] = parts["real_run"]["steps_per_s"]
+    return ours
+
+
+def peers_lines(parts: dict, s: dict) -> list[str]:
+    """Part 5 in report.md: each peer's steps/s and our FixMatch's steps/s divided by it."""
+    rows = parts.get("peers", {}).get("rows", [])
+    if not rows:
+        return []
+    ours = our_fixmatch(parts)
+    p = s["peers"]
+    lines = [f"Each peer's own FixMatch training step, its DataLoader and per-image Pillow augmentation included, at "
+             f"the sizes of part 3 ({net_name(s)}, B = {s['batch']}, mu = {fixmatch_mu(s)}), on the data of the real "
+             f"run; up to {p['steps']} steps timed (at most {p['max_s']:.0f} s) after {p['warmup']} warm-up steps "
+             "(benchmarks/peers_harness.py). Ratio: our FixMatch's steps/s divided by the peer's ("
+             + (", ".join(f"ours, {k}: {v:.2f} steps/s" for k, v in ours.items()) or "ours not measured") + ").", "",
+             "| peer | workers | precision | steps timed | steps/s | images/s | waiting for data (ms/step) | "
+             + " | ".join(f"ours ({k}) / peer" for k in ours) + " | notes |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(ours) + "---|"]
+    for r in rows:
+        if "steps_per_s" not in r:
+            lines.append(f"| {r['peer']} | {r['workers']} | {r.get('skipped') or 'error: ' + r.get('error', '?')} |"
+                         + " |" * (5 + len(ours)))
+            continue
+        wait = "n/a" if r.get("wait_s_per_step") is None else f"{1000 * r['wait_s_per_step']:.1f}"
+        notes = "; ".join(r["notes"] + ([f"stand-ins: {', '.join(r['stand_ins'])}"] if r["stand_ins"] else []))
+        lines.append(f"| {r['peer']} | {r['workers']} | {r['precision']} | {r['steps']} | {r['steps_per_s']:.2f} | "
+                     f"{r['img_per_s']:.0f} | {wait} | "
+                     + " | ".join(f"{v / r['steps_per_s']:.2f}" for v in ours.values()) + f" | {notes} |")
+    return lines + [""]
+
+
+PARTS = ["devices", "resume", "speed", "peers", "real_run"]
 
 
 def main() -> int:
@@ -545,15 +693,18 @@ def main() -> int:
     p.add_argument("--data-dir", default=os.path.join(ROOT, "..", "shared", "cifar10"),
                    help="folder holding cifar-10-batches-py/ for the real run (skipped if absent)")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere: the CPU rehearsal")
-    p.add_argument("--budget-s", type=float, default=None, help="time budget (default: 480, or 300 with --quick)")
+    p.add_argument("--budget-s", type=float, default=None, help="time budget (default: 510, or 300 with --quick)")
     p.add_argument("--real-run-s", type=float, default=None,
-                   help="seconds for the real run (default: 240, or 30 with --quick)")
+                   help="seconds for the real run, reserved from the budget (default: 410, or 30 with --quick)")
+    p.add_argument("--real-run-eager", action="store_true",
+                   help="the real run without --compile (default: compiled, but eager with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps per speed window (default: 40, or 3 with --quick)")
     p.add_argument("--scripts", nargs="+", default=SCRIPTS, choices=SCRIPTS, help="scripts timed in part 3")
     p.add_argument("--compile-scripts", nargs="*", default=None, choices=SCRIPTS,
                    help="scripts also timed with --compile (default: all, or fixmatch with --quick)")
-    p.add_argument("--parts", nargs="+", default=["devices", "resume", "speed", "real_run"],
-                   choices=["devices", "resume", "speed", "real_run"], help="parts to run")
+    p.add_argument("--peers-dir", default=os.path.join(ROOT, "benchmarks", "peers"),
+                   help="where the peers' code is (benchmarks/README.md, 'Peers'); absent: part 5 says so")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="parts to run")
     args = p.parse_args()
     start = time.perf_counter()
     device = torch.device(args.device)
@@ -562,16 +713,22 @@ def main() -> int:
         return 2
     s = sizes(args.quick)
     s["steps"] = args.steps or s["steps"]
-    budget = args.budget_s or (300.0 if args.quick else 480.0)
-    real_run_s = args.real_run_s or (30.0 if args.quick else 240.0)
+    budget = args.budget_s or (300.0 if args.quick else 510.0)
+    real_run_s = args.real_run_s or (30.0 if args.quick else 410.0)
     compile_scripts = s["compile_default"] if args.compile_scripts is None else args.compile_scripts
     has_cifar = os.path.isdir(os.path.join(args.data_dir, "cifar-10-batches-py"))
     reserve = real_run_s + 15 if has_cifar and "real_run" in args.parts else 0.0
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(torch.get_num_threads() if device.type == "cuda" else 1)  # a CPU rehearsal shares cores
+    parts = {}
 
     def left() -> float:
         return budget - (time.perf_counter() - start)
+
+    def record(name, part):
+        # The report is rewritten after every part: a run killed from outside still leaves what it had measured.
+        parts[name] = part
+        write_report(args.out, parts, device, s, budget, start, args.quick)
 
     def attempt(name, fn, needs_s):
         if name not in args.parts:
@@ -585,57 +742,71 @@ def main() -> int:
             traceback.print_exc()
             return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
 
-    parts = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
         synthetic = os.path.join(work, "synthetic")
         write_synthetic_cifar(synthetic, n_train=s["n_train"], n_test=s["n_test"])
         depth_width = (int(s["net"][1]), int(s["net"][3]))
-        parts["devices"] = attempt("devices", lambda: part_devices(device, s, depth_width), 10)
-        parts["resume"] = attempt("resume", lambda: part_resume(device, synthetic, work), 10)
-
-        # FixMatch first: its compiled graphs also serve FlexMatch (same shapes: inductor's cache) and the real run.
-        order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch"] if n in args.scripts]
-        rows, step_s, compile_s = [], {}, 30.0 if args.quick else 60.0  # compile_s: the last compiled run's time
-        for compile in (False, True):
-            for name in order if not compile else [n for n in order if n in compile_scripts]:
-                row = attempt("speed", lambda: time_script(name, device, s, compile, synthetic, work),
-                              compile_s if compile else 5)
-                row.update(script=name, compile=compile)
-                if "img_per_s" in row:
-                    row["model_only_img_per_s"] = time_model_only(row["images_per_step"], device, s, compile,
-                                                                  s["steps"])
-                    step_s[(name, compile)] = row["step_ms"] / 1000
-                    compile_s = row["wall_s"] if compile else compile_s
-                rows.append(row)
-        parts["speed"] = {"rows": rows} if "speed" in args.parts else {"skipped": "not asked for (--parts)"}
-        fixmatch_images = next((r["images_per_step"] for r in rows if r["script"] == "fixmatch"
-                                and "images_per_step" in r), None)
-        if device.type == "cuda" and fixmatch_images:
-            parts["speed"]["graphed"] = attempt("speed", lambda: time_model_graphed(
-                fixmatch_images, device, s, max(s["steps"], 20)), 15)
-
+        record("devices", attempt("devices", lambda: part_devices(device, s, depth_width), 10))
+        record("resume", attempt("resume", lambda: part_resume(device, synthetic, work), 10))
+        record("speed", part_speed(args, device, s, compile_scripts, synthetic, work, attempt))
         if not has_cifar:
-            parts["real_run"] = {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"}
+            record("real_run", {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"})
         else:
             reserve = 0.0
-            per_step = (step_s.get(("fixmatch", True)) or step_s.get(("fixmatch", False))
-                        or (0.2 if device.type == "cuda" else 1.0))  # s per step: sizes the real run
             seconds = min(real_run_s, left() - 10)
-            parts["real_run"] = attempt("real_run", lambda: part_real_run(device, s, args.data_dir, work, seconds,
-                                                                         per_step, args.quick), 20)
-
-    checks = [c for part in parts.values() for c in part.get("checks", [])]
-    errors = [n for n, part in parts.items() if "error" in part] + [
-        r["script"] for r in parts["speed"].get("rows", []) if "error" in r]
-    report = {"environment": environment(device), "device": str(device), "quick": args.quick, "sizes": s,
-              "budget_s": budget, "wall_s": time.perf_counter() - start, "aug_batch": s["aug_batch"],
-              "passed": all(c["ok"] is not False for c in checks) and not errors, "parts": parts}
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(os.path.join(args.out, "report.md"), "w") as f:
-        f.write(markdown(report))
+            compile = not (args.quick or args.real_run_eager)
+            record("real_run", attempt("real_run", lambda: part_real_run(device, s, args.data_dir, work, seconds,
+                                                                         compile, args.out), 20))
+        # The peers last: they get what the real run left of the budget, one peer after another.
+        data_dir = args.data_dir if has_cifar else synthetic
+        record("peers", attempt("peers", lambda: part_peers(device, s, data_dir, os.path.abspath(args.peers_dir),
+                                                             work, left), 5))
+    report = write_report(args.out, parts, device, s, budget, start, args.quick)
     print(markdown(report))
     return 0 if report["passed"] else 1
+
+
+def part_speed(args: argparse.Namespace, device: torch.device, s: dict, compile_scripts: list[str], synthetic: str,
+               work: str, attempt) -> dict:
+    """Part 3: every script in args.scripts eager, then those in compile_scripts compiled; FixMatch first, since its
+    compiled graphs also serve FlexMatch (same shapes: inductor's cache) and the real run."""
+    if "speed" not in args.parts:
+        return {"skipped": "not asked for (--parts)"}
+    order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch"] if n in args.scripts]
+    rows, compile_s = [], 30.0 if args.quick else 60.0  # compile_s: the last compiled run's time
+    for compile in (False, True):
+        for name in order if not compile else [n for n in order if n in compile_scripts]:
+            row = attempt("speed", lambda: time_script(name, device, s, compile, synthetic, work),
+                          compile_s if compile else 5)
+            row.update(script=name, compile=compile)
+            if "img_per_s" in row:
+                row["model_only_img_per_s"] = time_model_only(row["images_per_step"], device, s, compile, s["steps"])
+                compile_s = row["wall_s"] if compile else compile_s
+            rows.append(row)
+    speed = {"rows": rows}
+    fixmatch_images = next((r["images_per_step"] for r in rows if r["script"] == "fixmatch"
+                            and "images_per_step" in r), None)
+    if device.type == "cuda" and fixmatch_images:
+        speed["graphed"] = attempt("speed", lambda: time_model_graphed(fixmatch_images, device, s,
+                                                                       max(s["steps"], 20)), 15)
+    return speed
+
+
+def write_report(out: str, parts: dict, device: torch.device, s: dict, budget: float, start: float,
+                 quick: bool) -> dict:
+    """report.json and report.md of the parts so far. Passed: every check of ours passed and no part of ours failed
+    (a peer that fails to run is reported in part 5, but it is not a failure of this project's code)."""
+    checks = [c for part in parts.values() for c in part.get("checks", [])]
+    errors = [n for n, part in parts.items() if "error" in part] + [
+        r["script"] for r in parts.get("speed", {}).get("rows", []) if "error" in r]
+    report = {"environment": environment(device), "device": str(device), "quick": quick, "sizes": s,
+              "budget_s": budget, "wall_s": time.perf_counter() - start, "aug_batch": s["aug_batch"],
+              "passed": all(c["ok"] is not False for c in checks) and not errors, "parts": parts}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(markdown(report))
+    return report
 
 
 if __name__ == "__main__":
