@@ -21,8 +21,10 @@ own and imports only these building blocks.
   uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
   AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
   a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
-- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters); `load_model` reads a
-  finished run's model.pt back (its EMA weights, class names, mean and std), e.g. in another project:
+- Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters). `model(x, bn_groups)`
+  normalises consecutive groups of a batch with their own BatchNorm statistics (`ghost_batch_norm`), so that
+  one pass computes what a pass per group would (MixMatch's and ReMixMatch's interleaved batches). `load_model`
+  reads a finished run's model.pt back (its EMA weights, class names, mean and std), e.g. in another project:
       model, meta = load_model("runs/fixmatch_n250_seed0/model.pt")
       x = normalize(read_image("cat.jpg", meta["image_size"])[None], meta["mean"], meta["std"])
       print(meta["classes"][model(x).argmax()])
@@ -869,6 +871,26 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, momentum=0.001)
 
 
+def ghost_batch_norm(bn: nn.BatchNorm2d, x: torch.Tensor, groups: list[int] | None = None) -> torch.Tensor:
+    """BatchNorm with statistics per group ("ghost" batch norm): x [N, ...] is split into consecutive groups of
+    `groups` samples (sizes summing to N, they may differ), and in training mode group g is normalised with its own
+
+        y_i = gamma (x_i - mu_g) / sqrt(var_g + eps) + beta,   mu_g, var_g over group g's samples and pixels,
+
+    as if each group went through the network in a forward pass of its own. Only the first group updates the
+    running statistics, exactly as bn(first group) does (r <- (1 - momentum) r + momentum * its mean and unbiased
+    variance; num_batches_tracked + 1); the others leave them alone, like passes with track_running_stats off.
+    In eval mode (running statistics for all) or with groups None it is bn(x).
+
+    A loop over groups, not over samples: the group sizes are fixed Python ints, so torch.compile unrolls it.
+    """
+    if groups is None or not bn.training:
+        return bn(x)
+    first, *rest = x.split(groups)
+    return torch.cat([bn(first)] + [F.batch_norm(part, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+                                    for part in rest])
+
+
 class ResidualBlock(nn.Module):
     """Pre-activation block: BN -> leaky ReLU -> conv3x3 -> BN -> leaky ReLU -> conv3x3, plus shortcut.
 
@@ -883,11 +905,11 @@ class ResidualBlock(nn.Module):
         self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if (c_in != c_out or stride != 1) else None
         self.activate_before_residual = activate_before_residual
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = F.leaky_relu(self.bn1(x), 0.1)
+    def forward(self, x: torch.Tensor, bn_groups: list[int] | None = None) -> torch.Tensor:
+        a = F.leaky_relu(ghost_batch_norm(self.bn1, x, bn_groups), 0.1)
         if self.activate_before_residual:
             x = a
-        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(a)), 0.1))
+        out = self.conv2(F.leaky_relu(ghost_batch_norm(self.bn2, self.conv1(a), bn_groups), 0.1))
         return out + (self.shortcut(x) if self.shortcut is not None else x)
 
 
@@ -895,7 +917,7 @@ class WideResNet(nn.Module):
     """WRN-depth-widen_factor: conv3x3(16), three groups of (depth-4)/6 blocks at 16k, 32k, 64k channels.
 
     `features(x)` returns the pooled features; `fc` is the class head, so a script can add its own
-    head on the same features (ReMixMatch's rotation classifier).
+    head on the same features (ReMixMatch's rotation classifier). Both take `bn_groups` (see `forward`).
     """
 
     def __init__(self, num_classes: int = NUM_CLASSES, depth: int = 28, widen_factor: int = 2):
@@ -924,11 +946,17 @@ class WideResNet(nn.Module):
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu(self.bn(self.body(x)), 0.1).mean((2, 3))
+    def features(self, x: torch.Tensor, bn_groups: list[int] | None = None) -> torch.Tensor:
+        x = self.body[0](x)  # the first convolution; then the residual blocks
+        for block in self.body[1:]:
+            x = block(x, bn_groups)
+        return F.leaky_relu(ghost_batch_norm(self.bn, x, bn_groups), 0.1).mean((2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
+    def forward(self, x: torch.Tensor, bn_groups: list[int] | None = None) -> torch.Tensor:
+        """Logits. In training mode, bn_groups (sizes of consecutive groups of x, e.g. [B, B, B]) makes every
+        BatchNorm layer normalise each group with its own statistics and update its running statistics from the
+        first group only (`ghost_batch_norm`): one pass that computes what a pass per group would."""
+        return self.fc(self.features(x, bn_groups))
 
 
 # ----------------------------------------------------------------------------------------------------

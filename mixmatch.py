@@ -16,8 +16,8 @@ unlabeled ones. Consistency, entropy minimisation and MixUp in one loss (Section
     L_u = 1/(L |U'|)  sum_{(u, q) in U'}  || q - p(y | u) ||^2          (L = 10 classes)
 
 q_b comes from the model being trained, without gradient. The K + 1 mixed batches go through the network
-in K + 1 forward passes of about B images, interleaved so that each pass holds a slice of every batch (see
-`forward_interleaved` for why BatchNorm needs this).
+in one forward pass, as K + 1 interleaved batches of about B images that each hold a slice of every batch and
+that BatchNorm normalises with their own statistics (see `forward_interleaved` for why BatchNorm needs this).
 
 Defaults are the paper's CIFAR-10 setting (Sections 3.5 and 4.1, and the reference code,
 github.com/google-research/mixmatch): B = 64 labeled and 64 unlabeled images, K = 2, T = 0.5,
@@ -134,7 +134,8 @@ def frozen_bn_statistics(model: torch.nn.Module):
 
 
 def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
-    """Logits for each part, computed in len(parts) forward passes that each hold a slice of every part.
+    """Logits for each part, from one forward pass over the len(parts) interleaved batches (each holds a slice of
+    every part) in which BatchNorm normalises each batch with its own statistics (common.ghost_batch_norm).
 
     Why BatchNorm needs this: the reference sends the mixed labeled batch and the K mixed unlabeled
     batches through the network in separate forward passes of B images, in training mode, so every pass
@@ -144,15 +145,15 @@ def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: 
     of unlabeled ones, and the running statistics used at test time would come from the labeled pass
     alone (MixMatch's reference) or from an unlabeled one. The reference's interleave swaps slices between
     the batches so that each pass holds one slice of labeled images and the rest unlabeled, the proportion
-    of the whole; ours goes one step further, every pass holds a slice of every part. We keep the
-    reference's one pass per part, each of about B images, and its single update of the running statistics.
+    of the whole; ours goes one step further, every batch holds a slice of every part. We keep the reference's
+    statistics per batch of about B images and its single running-statistics update (the first batch's) in one
+    pass, which computes the logits and gradients of a pass per batch (to float rounding) and keeps a GPU busier.
     """
     batches = interleave(parts)
+    sizes = [len(batch) for batch in batches]
     with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
-        with frozen_bn_statistics(model):
-            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
-    return deinterleave(logits)
+        logits = model(torch.cat(batches).contiguous(memory_format=torch.channels_last), bn_groups=sizes)
+    return deinterleave(list(logits.split(sizes)))
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

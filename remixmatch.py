@@ -214,26 +214,27 @@ def frozen_bn_statistics(model: torch.nn.Module):
 
 
 def forward_interleaved(model: torch.nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
-    """Logits for each part, computed in len(parts) forward passes that each hold a slice of every part.
+    """Logits for each part, from one forward pass over the len(parts) interleaved batches (each holds a slice of
+    every part) in which BatchNorm normalises each batch with its own statistics (common.ghost_batch_norm).
 
     Why BatchNorm needs this: the reference sends the mixed labeled batch and the K + 1 mixed unlabeled
     batches through the network in separate forward passes of B images, in training mode, so every pass
     is normalised with its own batch statistics; and it keeps the running-statistics update of one pass
-    only (the last; the guessing, pre-mixup and rotation passes update nothing; our interleaved passes are
+    only (the last; the guessing, pre-mixup and rotation passes update nothing; our interleaved batches are
     all the same mix, so we keep the first). Passed as they are, the labeled pass would be normalised with
     statistics of (mostly) labeled images, the unlabeled passes with statistics of unlabeled ones, and the
     running statistics used at test time would come from the labeled pass alone (MixMatch's reference)
     or from an unlabeled one (ReMixMatch's). The reference's interleave swaps slices between
     the batches so that each pass holds one slice of labeled images and the rest unlabeled, the proportion
-    of the whole; ours goes one step further, every pass holds a slice of every part. We keep the
-    reference's one pass per part, each of about B images, and its single update of the running statistics.
+    of the whole; ours goes one step further, every batch holds a slice of every part. We keep the reference's
+    statistics per batch of about B images and its single running-statistics update (the first batch's) in one
+    pass, which computes the logits and gradients of a pass per batch (to float rounding) and keeps a GPU busier.
     """
     batches = interleave(parts)
+    sizes = [len(batch) for batch in batches]
     with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
-        with frozen_bn_statistics(model):
-            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
-    return deinterleave(logits)
+        logits = model(torch.cat(batches).contiguous(memory_format=torch.channels_last), bn_groups=sizes)
+    return deinterleave(list(logits.split(sizes)))
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

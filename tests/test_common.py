@@ -1,6 +1,7 @@
 """Tests of common.py: every augmentation op against Pillow, the weak/strong pipelines, the labeled split,
 the loader (including its errors), the index stream and the WideResNet. CPU only, a few seconds."""
 
+import copy
 import io
 import math
 import os
@@ -406,6 +407,83 @@ def test_wrn_output_shapes(depth, width, features):
         assert model.features(x).shape == (3, features)
         assert model(x).shape == (3, 10)
     assert model.num_features == features
+
+
+def test_ghost_batch_norm_hand_computed():
+    # 2 groups of 2 samples, 1 channel, 1 pixel, eps ~0: each group is normalised with its own mean and (biased)
+    # variance, y = gamma (x - mu_g) / sigma_g + beta with gamma 2 and beta 0.5.
+    bn = torch.nn.BatchNorm2d(1, eps=1e-12, momentum=0.1)
+    with torch.no_grad():
+        bn.weight.fill_(2.0)
+        bn.bias.fill_(0.5)
+    x = torch.tensor([1.0, 3.0, 10.0, 16.0]).view(4, 1, 1, 1)
+    y = common.ghost_batch_norm(bn, x, [2, 2])
+    # group 1: mu 2, sigma 1 -> (-1, 1); group 2: mu 13, sigma 3 -> (-1, 1); then 2 * . + 0.5
+    assert torch.allclose(y.flatten(), torch.tensor([-1.5, 2.5, -1.5, 2.5]), atol=1e-6)
+    # Running statistics from group 1 only: mean 0.9 * 0 + 0.1 * 2, unbiased variance 0.9 * 1 + 0.1 * 2 (of 1, 3).
+    assert torch.allclose(bn.running_mean, torch.tensor([0.2])) and torch.allclose(bn.running_var, torch.tensor([1.1]))
+    assert bn.num_batches_tracked.item() == 1
+    # Without groups it is the ordinary BatchNorm over the whole batch (mu 7.5), which is not the same thing.
+    assert not torch.allclose(common.ghost_batch_norm(copy.deepcopy(bn), x), y)
+    # In eval mode the running statistics normalise every sample; the groups do not matter, nothing moves.
+    bn.eval()
+    expected = 2 * (x - 0.2) / math.sqrt(1.1) + 0.5
+    assert torch.allclose(common.ghost_batch_norm(bn, x, [2, 2]), expected, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def per_group_passes(model: torch.nn.Module, x: torch.Tensor, groups: list[int]) -> torch.Tensor:
+    """What bn_groups stands for: a forward pass per group, the first an ordinary one, the others with
+    track_running_stats off (batch statistics, running statistics neither read nor updated)."""
+    outs = []
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for i, part in enumerate(x.split(groups)):
+        for m in bns:
+            m.track_running_stats = i == 0
+        outs.append(model(part))
+    for m in bns:
+        m.track_running_stats = True
+    return torch.cat(outs)
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    """max |a - b| <= rel * max |b|: equal to float rounding, relative to the tensor's scale."""
+    assert a.shape == b.shape and (a.float() - b.float()).abs().max() <= rel * b.float().abs().max(), what
+
+
+@pytest.mark.parametrize("groups", [[4, 4, 3], [5, 6], [11]])
+def test_wrn_bn_groups_is_a_pass_per_group(groups):
+    """One pass with bn_groups: the logits, gradients and running statistics of a pass per group."""
+    torch.manual_seed(0)
+    model = common.WideResNet(depth=10, widen_factor=1)
+    reference = copy.deepcopy(model)
+    x = torch.randn(11, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 1
+    w = torch.randn(11, 10, generator=torch.Generator().manual_seed(2))  # a loss that weighs every logit
+    logits, expected = model(x, bn_groups=groups), per_group_passes(reference, x, groups)
+    assert_rel_close(logits, expected)
+    (logits * w).sum().backward()
+    (expected * w).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_rel_close(p.grad, q.grad, what=name)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), name
+    assert all(m.num_batches_tracked.item() == 1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert list(model.state_dict()) == list(common.WideResNet(depth=10, widen_factor=1).state_dict())
+
+
+def test_wrn_bn_groups_channels_last_and_bf16_autocast():
+    torch.manual_seed(0)
+    model = common.WideResNet(depth=10, widen_factor=1).to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model)
+    x = torch.randn(12, 3, 8, 8, generator=torch.Generator().manual_seed(1)).contiguous(
+        memory_format=torch.channels_last)
+    y = common.ghost_batch_norm(model.body[1].bn1, model.body[0](x), [6, 6])
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, expected = model(x, bn_groups=[6, 6]), per_group_passes(reference, x, [6, 6])
+    assert logits.dtype == expected.dtype == torch.bfloat16
+    assert_rel_close(logits, expected, 2e-2)  # bf16's rounding; the same kernels, so usually equal
+    assert torch.allclose(model.bn.running_mean, reference.bn.running_mean, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("depth", [4, 9, 27])

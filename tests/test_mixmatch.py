@@ -14,6 +14,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import WideResNet  # noqa: E402
 from mixmatch import (deinterleave, forward_interleaved, frozen_bn_statistics, guess_labels, interleave,  # noqa: E402
                       linear_rampup, make_optimizer, mixmatch_unlabeled_loss, mixup, parse_args, pseudo_label_stats,
                       sample_mixup, sharpen, soft_cross_entropy, train_step)
@@ -122,39 +123,79 @@ def test_frozen_bn_statistics_keeps_running_statistics_but_normalises_with_the_b
     assert not torch.equal(bn.running_mean, before[0])  # outside the context the statistics move again
 
 
-def test_forward_interleaved_returns_each_parts_logits_from_its_interleaved_pass():
-    net = tiny_bn_net()
-    parts = [torch.randn(6, 3, 6, 6) + i for i in range(3)]  # parts with different means, as labeled vs unlabeled
-    net(parts[0])
+def forward_per_pass(model: nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
+    """The former forward_interleaved, kept as the reference: a forward pass per interleaved batch, only the
+    first updating BatchNorm's running statistics."""
+    batches = interleave(parts)
+    with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
+        with frozen_bn_statistics(model):
+            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
+    return deinterleave(logits)
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    """max |a - b| <= rel * max |b|: equal to float rounding, relative to the tensor's scale."""
+    assert a.shape == b.shape and (a - b).abs().max() <= rel * b.abs().max(), what
+
+
+def small_wrn() -> nn.Module:
+    torch.manual_seed(0)
+    return WideResNet(depth=10, widen_factor=1).to(memory_format=torch.channels_last)
+
+
+# Parts with different means, as labeled vs unlabeled; 3 parts of 7 interleave into batches of 9, 6 and 6.
+PARTS = [torch.randn(7, 3, 8, 8, generator=torch.Generator().manual_seed(i)) + i for i in range(3)]
+
+
+def test_forward_interleaved_is_one_pass_with_the_logits_gradients_and_statistics_of_a_pass_per_batch():
+    net = small_wrn()
     reference = copy.deepcopy(net)
-    logits = forward_interleaved(net, parts, amp=False)
-    assert [tuple(t.shape) for t in logits] == [(6, 5)] * 3
-    # Each pass normalises with its own batch's statistics: the same passes run one by one.
-    manual = deinterleave([reference(b) for b in interleave(parts)])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(logits, manual))
+    logits, expected = forward_interleaved(net, PARTS, amp=False), forward_per_pass(reference, PARTS, amp=False)
+    assert [tuple(t.shape) for t in logits] == [(7, 10)] * 3
+    for a, b in zip(logits, expected):
+        assert_rel_close(a, b)
+    w = torch.randn(21, 10, generator=torch.Generator().manual_seed(9))  # weighs every logit of every part
+    (torch.cat(logits) * w).sum().backward()
+    (torch.cat(expected) * w).sum().backward()
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        assert_rel_close(p.grad, q.grad, what=name)
+    # The running statistics moved once, from the first interleaved batch, as in the passes one by one.
+    for (name, a), b in zip(net.named_buffers(), reference.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), name
+    assert net.bn.num_batches_tracked.item() == 1
+    first = copy.deepcopy(small_wrn())
+    first(interleave(PARTS)[0].contiguous(memory_format=torch.channels_last))  # one ordinary pass on batch 0
+    assert torch.allclose(net.bn.running_var, first.bn.running_var, rtol=1e-5, atol=1e-7)
     # ... which differs from running each part alone (its own statistics): interleaving matters.
-    alone = [copy.deepcopy(reference)(p) for p in parts]
+    alone = [copy.deepcopy(small_wrn())(p) for p in PARTS]
     assert not torch.allclose(logits[0], alone[0], atol=1e-3)
 
 
-def test_forward_interleaved_updates_bn_statistics_from_the_first_pass_only():
-    net = tiny_bn_net()
-    parts = [torch.randn(6, 3, 6, 6) + i for i in range(3)]
-    net(parts[0])
-    expected = copy.deepcopy(net)
-    expected(interleave(parts)[0].contiguous(memory_format=torch.channels_last))  # one ordinary pass on batch 0
-    forward_interleaved(net, parts, amp=False)
-    assert torch.equal(net[1].running_mean, expected[1].running_mean)
-    assert torch.equal(net[1].running_var, expected[1].running_var)
-
-
-def test_forward_interleaved_backpropagates_through_every_pass():
-    net = tiny_bn_net()
-    parts = [torch.randn(6, 3, 6, 6) for _ in range(3)]
-    net(parts[0])
-    logits = forward_interleaved(net, parts, amp=False)
-    logits[2].sum().backward()  # the frozen passes must not break autograd
-    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+def test_train_step_with_one_pass_equals_the_step_with_a_pass_per_batch(monkeypatch):
+    """The whole step with forward_interleaved (one pass, statistics per group) and with the former one (a pass
+    per interleaved batch): the same losses, guessed labels, gradients, weights and running statistics."""
+    import mixmatch
+    args = argparse.Namespace(temperature=0.5, lambda_u=75.0, k=2, alpha=0.75, rampup_steps=16)
+    g = torch.Generator().manual_seed(0)
+    x_l, u = (torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, generator=g) for _ in range(2))
+    results = []
+    for forward in (mixmatch.forward_interleaved, forward_per_pass):
+        monkeypatch.setattr(mixmatch, "forward_interleaved", forward)
+        model = small_wrn()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        rngs = (torch.Generator().manual_seed(1), np.random.default_rng(0))
+        stats, q = train_step(model, opt, x_l, torch.arange(7), u, 8, rngs, args, amp=False)
+        results.append((stats, q, model))
+    (stats, q, model), (stats_ref, q_ref, model_ref) = results
+    for name in stats:
+        assert_rel_close(stats[name], stats_ref[name], what=name)
+    assert torch.equal(q, q_ref)  # guessed before the mixed pass: untouched
+    for (name, p), p_ref in zip(model.named_parameters(), model_ref.parameters()):
+        assert_rel_close(p.grad, p_ref.grad, what=name)
+        assert_rel_close(p, p_ref, what=name)
+    for (name, a), b in zip(model.named_buffers(), model_ref.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), name
 
 
 def test_soft_cross_entropy_hand_computed():

@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import WideResNet, normalize, weak_augment  # noqa: E402
 from remixmatch import (PredictionHistory, RotationHead, deinterleave, distribution_alignment,  # noqa: E402
-                        guess_labels, interleave, labeled_distribution, linear_rampup, mixup, parse_args,
-                        pseudo_label_stats, rotate_batch, sharpen, soft_cross_entropy, train_step)
+                        frozen_bn_statistics, guess_labels, interleave, labeled_distribution, linear_rampup, mixup,
+                        parse_args, pseudo_label_stats, rotate_batch, sharpen, soft_cross_entropy, train_step)
 
 
 def close(a: torch.Tensor, b, tol: float = 1e-6) -> bool:
@@ -223,3 +223,47 @@ def test_train_step_without_ramp_or_rotation_weight_is_labeled_loss_only():
     assert stats["loss"].item() == stats["loss_x"].item()  # ramp 0 at step 0: L = L_x
     assert stats["ramp"].item() == 0 and stats["loss_rot"].item() > 0  # the rotation loss is there, unweighted
     assert model.rot_head.weight.grad.abs().sum() == 0  # nothing but the rotation loss reaches the rotation head
+
+
+def forward_per_pass(model: nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
+    """The former forward_interleaved, kept as the reference: a forward pass per interleaved batch, only the
+    first updating BatchNorm's running statistics."""
+    batches = interleave(parts)
+    with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
+        with frozen_bn_statistics(model):
+            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
+    return deinterleave(logits)
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
+    """max |a - b| <= rel * max |b|: equal to float rounding, relative to the tensor's scale."""
+    assert a.shape == b.shape and (a - b).abs().max() <= rel * b.abs().max(), what
+
+
+@pytest.mark.parametrize("labeled_aug", ["weak", "strong"])
+def test_train_step_with_one_pass_equals_the_step_with_a_pass_per_batch(monkeypatch, labeled_aug):
+    """The whole step with forward_interleaved (one pass over the K + 2 interleaved batches, BatchNorm statistics
+    per batch) and with the former one (a pass per batch): the same losses, guessed labels, p~, gradients, weights
+    and running statistics. B = 7 makes interleaved batches of unequal sizes (8, 8, 8, 4)."""
+    import remixmatch
+    args = step_args(labeled_aug=labeled_aug)
+    x_l, y_l, u, _, _ = step_inputs(7)
+    results = []
+    for forward in (remixmatch.forward_interleaved, forward_per_pass):
+        monkeypatch.setattr(remixmatch, "forward_interleaved", forward)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        history = PredictionHistory(10, 4, torch.device("cpu"))
+        rngs = (torch.Generator().manual_seed(2), np.random.default_rng(0))
+        stats, q = train_step(model, opt, x_l, y_l, u, 50, torch.full((10,), 0.1), history, rngs, args, amp=False)
+        results.append((stats, q, history, model))
+    (stats, q, history, model), (stats_ref, q_ref, history_ref, model_ref) = results
+    for name in stats:
+        assert_rel_close(stats[name], stats_ref[name], what=name)
+    assert torch.equal(q, q_ref) and torch.equal(history.buffer, history_ref.buffer)  # before the mixed pass
+    for (name, p), p_ref in zip(model.named_parameters(), model_ref.parameters()):
+        assert_rel_close(p.grad, p_ref.grad, what=name)
+        assert_rel_close(p, p_ref, what=name)
+    for (name, a), b in zip(model.named_buffers(), model_ref.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7), name
