@@ -432,6 +432,8 @@ def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, secon
 
     def save_within_budget(path, state):
         save(path, state)
+        if "step" not in state:  # model.pt, which the run writes with the same function when it ends
+            return
         saved.append(time.perf_counter())
         window = saved[-1] - saved[-2]  # the first one also holds loading and compiling: a cautious estimate
         if state["step"] < total and saved[-1] - start + window > seconds:
