@@ -17,8 +17,9 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import WideResNet, normalize, weak_augment  # noqa: E402
+from test_mixmatch import assert_rel_close, forward_per_pass  # noqa: E402 (the reference: a pass per batch)
 from remixmatch import (PredictionHistory, RotationHead, deinterleave, distribution_alignment,  # noqa: E402
-                        frozen_bn_statistics, guess_labels, interleave, labeled_distribution, linear_rampup, mixup,
+                        guess_labels, interleave, labeled_distribution, linear_rampup, mixup,
                         parse_args, pseudo_label_stats, rotate_batch, sharpen, soft_cross_entropy, train_step)
 
 
@@ -223,22 +224,6 @@ def test_train_step_without_ramp_or_rotation_weight_is_labeled_loss_only():
     assert stats["loss"].item() == stats["loss_x"].item()  # ramp 0 at step 0: L = L_x
     assert stats["ramp"].item() == 0 and stats["loss_rot"].item() > 0  # the rotation loss is there, unweighted
     assert model.rot_head.weight.grad.abs().sum() == 0  # nothing but the rotation loss reaches the rotation head
-
-
-def forward_per_pass(model: nn.Module, parts: list[torch.Tensor], amp: bool) -> list[torch.Tensor]:
-    """The former forward_interleaved, kept as the reference: a forward pass per interleaved batch, only the
-    first updating BatchNorm's running statistics."""
-    batches = interleave(parts)
-    with torch.autocast(batches[0].device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = [model(batches[0].contiguous(memory_format=torch.channels_last))]
-        with frozen_bn_statistics(model):
-            logits += [model(batch.contiguous(memory_format=torch.channels_last)) for batch in batches[1:]]
-    return deinterleave(logits)
-
-
-def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5, what: str = "") -> None:
-    """max |a - b| <= rel * max |b|: equal to float rounding, relative to the tensor's scale."""
-    assert a.shape == b.shape and (a - b).abs().max() <= rel * b.abs().max(), what
 
 
 @pytest.mark.parametrize("labeled_aug", ["weak", "strong"])
