@@ -245,9 +245,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     images_per_step = args.batch_size * (1 + 2 * args.mu)  # images through the network per step
     print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
           f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
-    # Statistics are summed on the device over the steps since the last evaluation (or start), and timed from
-    # then: progress lines show their running means, metrics.jsonl their means (per epoch with the defaults).
-    # A checkpoint written on SIGTERM or SIGUSR1 holds these sums and their time: the next row is then exact.
+    # Statistics are summed on the device over the steps since the last evaluation (or start, or the checkpoint of a
+    # SIGTERM), and timed from then: progress lines show their running means, metrics.jsonl their means.
     names, sums, steps_summed, interval_s = interval_state(ckpt, device)
     t_eval, next_line, first_line = time.perf_counter() - interval_s, time.perf_counter() + PROGRESS_SECONDS, step + 3
     result = None
@@ -307,8 +306,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
                 ckpt_step = step
                 sums, steps_summed, t_eval = None, 0, time.perf_counter()
             if stop and step < total_steps:  # SIGTERM or SIGUSR1 came: checkpoint the step just done, then exit
-                return stop_preempted(stop[0], ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts)},
-                                      (names, sums, steps_summed, time.perf_counter() - t_eval))
+                return stop_preempted(stop[0], ckpt_path, step, elapsed, parts, (names, sums, steps_summed, t_eval))
     except KeyboardInterrupt:
         return stop_interrupted(step, ckpt_path)
 
@@ -326,7 +324,6 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "args": vars(args),
     }
-    # model.pt first: results.json marks the run finished, so a rerun after a crash between the two writes both
     save_model(os.path.join(args.out, "model.pt"), ema_model, args, data, result["top1"])
     write_json(results_path, results)
     print(f"done: final EMA top-1 {100 * results['final_top1']:.2f}%, median of last 20 evals "
@@ -643,7 +640,9 @@ def save_checkpoint(path: str, state: dict) -> None:
 def save_model(path: str, ema_model: torch.nn.Module, args: argparse.Namespace, data: dict, top1: float) -> None:
     """model.pt, what it takes to apply the trained network elsewhere (common.load_model reads it, predict.py uses
     it): the EMA model's classifier weights, its architecture, the class names, the data set's mean, std and
-    image size, and where it came from. Plain data only, so that torch.load(..., weights_only=True) reads it."""
+    image size, and where it came from. Plain data only, so that torch.load(..., weights_only=True) reads it.
+    Written before results.json, which marks the run finished: a crash between the two leaves a run that a rerun
+    finishes, writing both."""
     with torch.device("meta"):  # the classifier's keys, without allocating or drawing random numbers
         keys = WideResNet(data["num_classes"], depth=args.depth, widen_factor=args.widen_factor).state_dict().keys()
     # A head used only in training (ReMixMatch's rotation head, in the model's state_dict) is left out; weights
@@ -719,13 +718,15 @@ def interval_state(ckpt: dict | None, device: torch.device) -> tuple[list | None
     return ckpt["names"], ckpt["sums"].to(device), ckpt["steps_summed"], ckpt["interval_s"]
 
 
-def stop_preempted(signum: int, ckpt_path: str, state: dict, interval: tuple) -> int:
-    """SIGTERM or SIGUSR1: checkpoint the step just done (`state`) with the statistics summed since the last
-    evaluation (`interval`: names, sums, steps_summed, seconds; a rerun continues them, see interval_state), and
-    say in one line from which step a rerun resumes."""
-    save_checkpoint(ckpt_path, {**state, **dict(zip(["names", "sums", "steps_summed", "interval_s"], interval))})
-    print(f"stopped by {signal.Signals(signum).name} after step {state['step']}; checkpoint written: rerun the same "
-          f"command to resume from step {state['step']}", file=sys.stderr, flush=True)
+def stop_preempted(signum: int, ckpt_path: str, step: int, elapsed: float, parts: dict, interval: tuple) -> int:
+    """SIGTERM or SIGUSR1: checkpoint the step just done with the statistics summed since the last evaluation
+    (`interval`: names, sums, steps_summed and the time they started, t_eval; a rerun continues them, see
+    interval_state), and say in one line from which step a rerun resumes."""
+    names, sums, steps_summed, t_eval = interval
+    save_checkpoint(ckpt_path, {"step": step, "elapsed": elapsed, **training_state(parts), "names": names,
+                                "sums": sums, "steps_summed": steps_summed, "interval_s": time.perf_counter() - t_eval})
+    print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written: rerun the same "
+          f"command to resume from step {step}", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
 
 
