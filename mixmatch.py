@@ -218,12 +218,12 @@ def train_step(model, optimizer, x_l, y_l, u, step: int, rngs: tuple, args, amp:
     x_u = weak_augment(u, aug_generator, views=k)  # [K, B, ...]
     lam, perm = sample_mixup(mixup_rng, (k + 1) * b, args.alpha, u.device)  # MixUp over X^ and the K views
     ramp = linear_rampup(step, args.rampup_steps)
-    # Label guessing: one pass per view in training mode, as the reference, leaving BatchNorm's running
-    # statistics alone.
+    # Label guessing in training mode, leaving BatchNorm's running statistics alone: the K views in one pass, each
+    # normalised with its own batch statistics (bn_groups) as in the reference's pass per view.
     with (torch.no_grad(), frozen_bn_statistics(model),
           torch.autocast(x_u.device.type, dtype=torch.bfloat16, enabled=amp)):
-        logits_u = torch.stack([model(normalize(view, *mean_std).contiguous(memory_format=torch.channels_last))
-                                for view in x_u])
+        views = normalize(x_u.flatten(0, 1), *mean_std).contiguous(memory_format=torch.channels_last)
+        logits_u = model(views, bn_groups=[b] * k).unflatten(0, (k, b))
     q = guess_labels(logits_u, args.temperature)
     x = normalize(torch.cat([x_l, x_u.flatten(0, 1)]), *mean_std)  # X^ then U^, view by view
     targets = torch.cat([F.one_hot(y_l, q.shape[1]).float(), q.repeat(k, 1)])

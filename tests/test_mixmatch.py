@@ -172,6 +172,21 @@ def test_forward_interleaved_is_one_pass_with_the_logits_gradients_and_statistic
     assert not torch.allclose(logits[0], alone[0], atol=1e-3)
 
 
+def test_label_guessing_pass_has_the_logits_of_a_pass_per_view_and_leaves_running_statistics_alone():
+    """train_step guesses labels from the K views in one pass with bn_groups; the reference makes a pass per view.
+    Same logits to float rounding, and neither touches BatchNorm's running statistics."""
+    model = small_wrn()
+    views = [p.clone() for p in PARTS]  # 3 "views" of 7 images, of different means
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad(), frozen_bn_statistics(model):
+        per_view = torch.stack([model(v.contiguous(memory_format=torch.channels_last)) for v in views])
+        one_pass = model(torch.cat(views).contiguous(memory_format=torch.channels_last), bn_groups=[7] * 3)
+    assert_rel_close(one_pass.unflatten(0, (3, 7)), per_view)
+    with torch.no_grad(), frozen_bn_statistics(model):  # without the groups: whole-batch statistics, other logits
+        assert not torch.allclose(model(torch.cat(views)).unflatten(0, (3, 7)), per_view, rtol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_train_step_with_one_pass_equals_the_step_with_a_pass_per_batch(monkeypatch):
     """The whole step with forward_interleaved (one pass, statistics per group) and with the former one (a pass
     per interleaved batch): the same losses, guessed labels, gradients, weights and running statistics."""
