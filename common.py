@@ -35,6 +35,7 @@ import functools
 import math
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -284,6 +285,16 @@ def parse_n_labeled(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of images or 'all', got {text!r}") from None
+
+
+def check_device(device: str) -> None:
+    """--device: cpu, cuda or cuda:N of a GPU that exists; else DataError with one line (the scripts, predict.py)."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise DataError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device} asked for, but CUDA is not available; pass --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise DataError(f"--device {device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
 
 
 def check_data_args(dataset: str, n_labeled: int | str, image_size: int) -> None:

@@ -18,13 +18,12 @@ import argparse
 import csv
 import io
 import os
-import re
 import sys
 from collections import Counter
 
 import torch
 
-from common import DataError, image_files, load_model, normalize, read_image
+from common import DataError, check_device, image_files, load_model, normalize, read_image
 
 EXIT_UNREADABLE, EXIT_BAD_INPUT = 1, 2
 
@@ -261,12 +260,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise DataError(f"--top-k must be >= 1, got {args.top_k}")
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
-    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    check_device(args.device)
 
 
 def run(args: argparse.Namespace) -> int:

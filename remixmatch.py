@@ -61,7 +61,6 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import statistics
 import sys
@@ -74,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MODEL_FILE_VERSION, NUM_CLASSES, DataError, RandomBatches,
-                    WideResNet, check_data_args, labeled_split, load_dataset, normalize, parse_n_labeled,
+                    WideResNet, check_data_args, check_device, labeled_split, load_dataset, normalize, parse_n_labeled,
                     strong_augment, weak_augment)
 
 ALGORITHM = "remixmatch"
@@ -579,12 +578,7 @@ def check_args(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise DataError(message)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise DataError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {args.device} asked for, but CUDA is not available; pass --device cpu")
-    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
-        raise DataError(f"--device {args.device} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    check_device(args.device)
 
 
 # ====================================================================================================
