@@ -731,6 +731,55 @@ def apply_op(name: str, x: torch.Tensor, v) -> torch.Tensor:
     return _run_ops(x, counts, *_send(arrays, x.device))
 
 
+# ----------------------------------------------------------------------------------------------------
+# The same RandAugment with fixed shapes. Grouped by op (above), each op gets only its own images, so how the
+# batch splits depends on the draws: fine when every operation is launched as it comes, but a CUDA graph or a
+# torch.compile graph needs every step to run the same operations on tensors of the same shapes. Here every
+# image goes through the three kinds of op in turn (lookup table, blend, warp), and the two kinds it did not
+# draw leave it unchanged: the identity table, a blend factor of 1 (d + 1 * (x - d) is x exactly: integers
+# below 2^24 in float32), the identity warp. The same images bit for bit (tests/test_common.py) from the same
+# draws, in about as many operations (316 top-level ones for 448 images, as grouped), but three times the
+# arithmetic: 4x the grouped route's CPU time (63 against 15 ms for 448 images, one thread, on the development
+# VM), so the scripts use the grouped route. This one is for a CUDA graph (benchmarks/gpu_check.py, part 3b).
+# ----------------------------------------------------------------------------------------------------
+_DEVICE_CHOSEN = ["AutoContrast", "Equalize", "Color", "Contrast"]  # ops the device must tell apart (Sharpness:
+# the third degenerate image, chosen where neither Color nor Contrast was)
+
+
+def _plan_ops_fixed(op: np.ndarray, v: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+    """The host's part of one round, in the images' own order: [chosen [4, B] bool (drew AutoContrast, Equalize,
+    Color, Contrast), tables [B, 1, 256] uint8, blend factors [B] float32, warp_fixed_point [B, 2, 3]], each the
+    identity for the images that drew an op of another kind."""
+    b = len(op)
+    tables, factors, matrices = np.tile(_RAMP, (b, 1)), np.ones(b), _affine(b)
+    for i, name in enumerate(OP_NAMES):
+        kind, fn, _, _ = RANDAUGMENT_OPS[name]
+        drew = op == i
+        if kind == "table" and drew.any():
+            tables[drew] = fn(v[drew])
+        elif kind == "blend":
+            factors[drew] = v[drew]
+        elif kind == "warp" and drew.any():
+            matrices[drew] = fn(v[drew], h, w)
+    chosen = np.stack([op == OP_NAMES.index(name) for name in _DEVICE_CHOSEN])
+    return [chosen, tables[:, None].astype(np.uint8), factors.astype(np.float32), warp_fixed_point(matrices)]
+
+
+def _run_ops_fixed(x: torch.Tensor, chosen: torch.Tensor, tables: torch.Tensor, factors: torch.Tensor,
+                   fixed: torch.Tensor) -> torch.Tensor:
+    """The device's part of one round: every image through a lookup, a blend and a warp, in the same operations
+    whatever the draws."""
+    autocontrast, equalize, color, contrast = chosen.unbind(0)
+    lut = torch.where(autocontrast.view(-1, 1, 1), autocontrast_lut(x),
+                      torch.where(equalize.view(-1, 1, 1), equalize_lut(x), tables))
+    x = apply_lut(x, lut)
+    gray = grayscale(x)
+    degenerate = torch.where(color.view(-1, 1, 1, 1), gray,
+                             torch.where(contrast.view(-1, 1, 1, 1), mean_level(gray), smooth(x)))
+    x = blend(degenerate, x, factors)
+    return warp(x, warp_source(fixed, *x.shape[2:]))
+
+
 def _cutout_masks(centre: torch.Tensor, h: int, w: int, size: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     """From the squares' centres [B, 2] (row, column) on the device: (1 outside each image's size x size square
     and 0 inside, fill inside and 0 outside), uint8 [B, 1, H, W]; the square is clipped at the border."""
@@ -845,9 +894,19 @@ def weak_augment(x: torch.Tensor, generator: torch.Generator, max_shift: int | N
     """FixMatch's weak augmentation: random horizontal flip, random translation by up to max_shift px, by default
     12.5% of the image size (4 px at 32x32, as FixMatch). With `views`: [views, B, ...], as `views` calls."""
     b, _, h, w = x.shape
+    return apply_weak(x, _send(plan_weak(generator, b, h, w, max_shift, views), x.device), views)
+
+
+def plan_weak(generator: torch.Generator, b: int, h: int, w: int, max_shift: int | None = None,
+              views: int | None = None) -> list[np.ndarray]:
+    """The host's part of weak_augment: its draws, as the source pixel of every output pixel (shapes fixed)."""
     max_shift = min(h, w) // 8 if max_shift is None else max_shift
-    source = _join([_draw_weak(generator, b, h, w, max_shift) for _ in range(views or 1)])
-    return _unflatten(_gather_pixels(_repeat(x, views), *_send(source, x.device)), views)
+    return _join([_draw_weak(generator, b, h, w, max_shift) for _ in range(views or 1)])
+
+
+def apply_weak(x: torch.Tensor, plan: list[torch.Tensor], views: int | None = None) -> torch.Tensor:
+    """The device's part of weak_augment, from plan_weak's arrays on x's device."""
+    return _unflatten(_gather_pixels(_repeat(x, views), *plan), views)
 
 
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
@@ -860,17 +919,44 @@ def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> 
 
 
 def strong_augment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2, cutout_size: int | None = None,
-                   views: int | None = None) -> torch.Tensor:
+                   views: int | None = None, fixed_shapes: bool = False) -> torch.Tensor:
     """FixMatch's strong augmentation: weak, then RandAugment (2 random ops with random magnitudes per
     image), then Cutout (a gray square at a random position, by default of half the image size: 16 px at 32).
-    With `views`: [views, B, ...], the images of `views` calls in a row."""
+    With `views`: [views, B, ...], the images of `views` calls in a row. fixed_shapes: the same images through
+    the same operations at every call (plan_strong, apply_strong), for a CUDA graph."""
     b, _, h, w = x.shape
+    if fixed_shapes:
+        return apply_strong(x, _send(plan_strong(generator, b, h, w, n_ops, views), x.device), cutout_size, views)
     weak, ops, centre = _join([_draw_strong(generator, b, h, w, n_ops) for _ in range(views or 1)])
     rounds, arrays = _plan_randaugment(ops, len(centre), h, w)
     tensors = _send(weak + arrays + [centre], x.device)
     x = _run_randaugment(_gather_pixels(_repeat(x, views), *tensors[:2]), rounds, tensors[2:-1])
+    return _cutout_views(x, tensors[-1], cutout_size, views)
+
+
+def _cutout_views(x: torch.Tensor, centre: torch.Tensor, cutout_size: int | None, views: int | None) -> torch.Tensor:
+    """strong_augment's last step: Cutout's gray squares at `centre`, then the views apart."""
+    h, w = x.shape[2:]
     size = h // 2 if cutout_size is None else cutout_size
-    return _unflatten(_fill_box(x, *_cutout_masks(tensors[-1], h, w, size, 127)), views)
+    return _unflatten(_fill_box(x, *_cutout_masks(centre, h, w, size, 127)), views)
+
+
+def plan_strong(generator: torch.Generator, b: int, h: int, w: int, n_ops: int = 2,
+                views: int | None = None) -> list[np.ndarray]:
+    """The host's part of strong_augment with fixed shapes: its draws (the same, in the same order) and every
+    array the device needs, whose shapes depend only on (B, H, W, n_ops, views). apply_strong is the rest."""
+    weak, ops, centre = _join([_draw_strong(generator, b, h, w, n_ops) for _ in range(views or 1)])
+    return weak + [a for op, v in ops for a in _plan_ops_fixed(op, v, h, w)] + [centre]
+
+
+def apply_strong(x: torch.Tensor, plan: list[torch.Tensor], cutout_size: int | None = None,
+                 views: int | None = None) -> torch.Tensor:
+    """The device's part of strong_augment with fixed shapes, from plan_strong's arrays on x's device: the same
+    operations on tensors of the same shapes at every call, so that it can run inside a CUDA graph."""
+    x = _gather_pixels(_repeat(x, views), *plan[:2])
+    for r in range(2, len(plan) - 1, 4):  # the rounds of RandAugment, 4 arrays each
+        x = _run_ops_fixed(x, *plan[r:r + 4])
+    return _cutout_views(x, plan[-1], cutout_size, views)
 
 
 # ----------------------------------------------------------------------------------------------------

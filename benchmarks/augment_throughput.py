@@ -97,7 +97,7 @@ def median_seconds(pipelines: dict, repeats: int, warmup: int, sync) -> dict[str
 VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::slice", "aten::select", "aten::split_with_sizes",
             "aten::unsqueeze", "aten::detach", "aten::alias", "aten::resolve_conj", "aten::resolve_neg",
             "aten::lift_fresh"}
-HOST_FUNCTIONS = {"_draw_weak", "_draw_ops", "_draw_strong", "rotate_matrix"}
+HOST_FUNCTIONS = {"_draw_weak", "_draw_ops", "_draw_strong", "rotate_matrix", "plan_strong"}
 
 
 def count_ops(fn) -> tuple[int, dict[str, int]]:
@@ -172,9 +172,15 @@ def main() -> None:
 
     if args.count_ops:
         print(f"Top-level aten operations of one call on {args.batch_size} images ({device.type}), torch.profiler:\n")
-        for fn in (common.weak_augment, common.strong_augment):
-            total, by_function = count_ops(lambda: fn(xd, g))
-            print(f"{fn.__name__}: {total} (" + ", ".join(f"{k} {v}" for k, v in by_function.items()) + ")")
+        calls = {"weak_augment": lambda: common.weak_augment(xd, g),
+                 "strong_augment": lambda: common.strong_augment(xd, g),
+                 "strong_augment(fixed_shapes=True)": lambda: common.strong_augment(xd, g, fixed_shapes=True)}
+        for name, call in calls.items():
+            total, by_function = count_ops(call)
+            print(f"{name}: {total} (" + ", ".join(f"{k} {v}" for k, v in by_function.items()) + ")")
+        s = median_seconds(calls, args.repeats, args.warmup, sync)
+        print(f"\nms per call, median of {args.repeats} (this thread's CPU time; wall time): "
+              + ", ".join(f"{name} {1e3 * t['cpu']:.1f} ({1e3 * t['wall']:.1f})" for name, t in s.items()))
         return
 
     speedups = {"weak": [], "strong": []}

@@ -16,6 +16,10 @@ It writes report.md and report.json into --out. The parts, in order:
    synthetic data, 2 windows of --steps steps, the second one timed (warm-up and compilation excluded).
    Step time, images/s, the same network's forward + backward + SGD step alone on as many images
    ("model-only"), full / model-only, peak memory, graphs compiled in the first step and recompilations after.
+3b. One FixMatch iteration captured in a CUDA graph (issue 22): the host plans the augmentation (common.plan_weak,
+   plan_strong) and the device's part (fixed-shape augmentation, train_step, EMA) is replayed from one graph.
+   Checked against the script's eager iteration over 6 fp32 steps, then both timed in bf16 (CUDA); on the CPU,
+   the fixed-shape iteration run eagerly must be bit-identical to the script's.
 4. A real run, if CIFAR-10 is in --data-dir: FixMatch in the reference setting (WRN-28-2, 1024 labels, B = 64,
    mu = 7, 16 x 1024 = 16,384 steps with the cosine schedule spanning them, an evaluation every 1024), --compile,
    to its end or to the last evaluation that --real-run-s allows; then it is reported as "cut short at step N of
@@ -36,6 +40,7 @@ both sides of part 1 and every code path runs; tests/test_gpu_check.py runs it.
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import importlib
@@ -411,6 +416,154 @@ def time_model_graphed(images: int, device: torch.device, s: dict, steps: int) -
 
 
 # ----------------------------------------------------------------------------------------------------
+# 3b. One FixMatch iteration captured in a CUDA graph (issue 22): is the host off the critical path then?
+# ----------------------------------------------------------------------------------------------------
+def fixmatch_iteration(device: torch.device, s: dict, amp: bool, fixed_shapes: bool, seed: int = 0) -> tuple:
+    """FixMatch's loop iteration as fixmatch.py runs it, on photo-like data, split into the host's part (index
+    batches, the augmentation's draws and plan, sent to the device in one copy per dtype) and the device's part
+    (augmentation, train_step, EMA, the diagnostics; statistics out as one tensor). With fixed_shapes, the device's
+    part has the same operations and shapes at every step (common.plan_strong/apply_strong), so it can be captured;
+    without, it is the script's own path (the grouped strong_augment, whose shapes follow the draws), done whole in
+    `host`. Returns (host, device_part, model, optimizer, args): device_part(*host()) is one iteration."""
+    import fixmatch
+
+    args = fixmatch.parse_args(["--batch-size", str(s["batch"]), "--threshold", "0.5"] + s["net"]
+                               + s["extra"].get("fixmatch", []))  # tau 0.5: a fresh network's L_u is not all 0
+    torch.manual_seed(seed)
+    model = common.WideResNet(depth=args.depth, widen_factor=args.widen_factor)
+    model = model.to(device, memory_format=torch.channels_last)
+    ema = copy.deepcopy(model)
+    optimizer = fixmatch.make_optimizer(model, args, device)
+    data, labels = photo_like(1024, seed=3).to(device), (torch.arange(1024) % 10).to(device)
+    labeled = common.RandomBatches(torch.arange(100, device=device), args.batch_size, seed=seed)
+    unlabeled = common.RandomBatches(torch.arange(1024, device=device), args.mu * args.batch_size, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    b, ub = args.batch_size, args.mu * args.batch_size
+
+    def host():
+        idx_l, idx_u = labeled(), unlabeled()
+        if not fixed_shapes:  # the script's own iteration: augmentation launched as it is planned
+            x_l = common.weak_augment(data.index_select(0, idx_l), g)
+            u = data.index_select(0, idx_u)
+            return idx_l, idx_u, x_l, common.weak_augment(u, g), common.strong_augment(u, g)
+        plan = common.plan_weak(g, b, 32, 32) + common.plan_weak(g, ub, 32, 32) + common.plan_strong(g, ub, 32, 32)
+        return idx_l, idx_u, *common._send(plan, device)
+
+    def device_part(idx_l, idx_u, *rest):
+        if fixed_shapes:
+            u = data.index_select(0, idx_u)
+            x_l = common.apply_weak(data.index_select(0, idx_l), rest[:2])
+            rest = x_l, common.apply_weak(u, rest[2:4]), common.apply_strong(u, rest[4:])
+        stats, pseudo, mask = fixmatch.train_step(model, optimizer, rest[0], labels[idx_l], rest[1], rest[2], args, amp)
+        fixmatch.ema_update(ema, model, args.ema_decay)
+        return torch.stack(list({**stats, **fixmatch.pseudo_label_stats(pseudo, mask, labels[idx_u])}.values()))
+
+    return host, device_part, model, optimizer, args
+
+
+def captured(host, device_part, device: torch.device, warmup: int = 3):
+    """An iteration function: `warmup` eager iterations on a side stream (cuDNN's choices, the momentum buffers,
+    common.py's cached constants), then device_part captured in one CUDA graph, its inputs copied into the graph's
+    static ones and the graph replayed at every later call. Each call is one training step, warm-up included."""
+    state = {"calls": 0}
+
+    def step():
+        inputs = host()
+        state["calls"] += 1
+        if state["calls"] <= warmup:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = device_part(*inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if "graph" not in state:
+            state["static"] = [t.clone() for t in inputs]
+            state["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state["graph"]):
+                state["out"] = device_part(*state["static"])
+        for static, t in zip(state["static"], inputs):
+            static.copy_(t, non_blocking=True)
+        state["graph"].replay()
+        return state["out"].clone()  # the next replay overwrites it
+    return step
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The loop's learning rate: a Python float in the group (eager), or written into the group's device tensor (a
+    captured fused SGD step reads it there at every replay)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def part_captured(device: torch.device, s: dict, steps: int) -> dict:
+    """Checks that the captured iteration (fixed shapes, one CUDA graph) trains as the eager script does (fp32, TF32
+    off: 6 steps, 3 of them replayed, under the cosine schedule), then times eager and captured iterations in bf16.
+    On the CPU there is nothing to capture: the check is then the fixed-shape iteration run eagerly against the
+    script's, which must be bit-identical."""
+    import fixmatch
+
+    checks, n = [], 6
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        runs = {}
+        for name, fixed in (("eager", False), ("captured", True)):
+            host, device_part, model, optimizer, args = fixmatch_iteration(device, s, False, fixed)
+            step = lambda: device_part(*host())  # noqa: E731
+            if fixed and device.type == "cuda":
+                for group in optimizer.param_groups:  # fused SGD takes a device tensor as its learning rate
+                    group["lr"] = torch.tensor(args.lr, device=device)
+                step = captured(host, device_part, device)
+            stats = []
+            for k in range(n):
+                set_lr(optimizer, fixmatch.cosine_lr(k, n, args.lr))
+                stats.append(step())
+            runs[name] = torch.stack(stats).cpu(), [p.detach().cpu() for p in model.parameters()]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    (stats_e, weights_e), (stats_c, weights_c) = runs["eager"], runs["captured"]
+    rel = ((stats_c - stats_e).abs() / stats_e.abs().clamp(min=1e-6)).max().item()
+    diff = max((a - b).abs().max().item() for a, b in zip(weights_c, weights_e))
+    what = "captured in one CUDA graph (3 eager warm-up steps, 3 replays)" if device.type == "cuda" else \
+        "with fixed shapes, eager (CPU: nothing to capture)"
+    limit = 1e-4 if device.type == "cuda" else 0.0
+    checks.append({"check": f"FixMatch iteration {what} against the script's eager one, {n} fp32 steps: statistics "
+                            f"and weights within {limit:g} (relative, absolute)", "ok": rel <= limit and diff <= limit,
+                   "detail": f"max relative difference of the statistics {rel:.2e}, of the weights (absolute) "
+                             f"{diff:.2e}"})
+    result = {"checks": checks}
+    if device.type != "cuda":
+        return result
+    timings = {}
+    for name, fixed in (("eager", False), ("captured", True)):
+        torch.cuda.empty_cache()
+        host, device_part, model, optimizer, args = fixmatch_iteration(device, s, True, fixed)
+        step = lambda: device_part(*host())  # noqa: E731
+        if fixed:
+            for group in optimizer.param_groups:
+                group["lr"] = torch.tensor(args.lr, device=device)
+            step = captured(host, device_part, device)
+        host_times = []
+
+        def timed_step():
+            t = time.thread_time()
+            set_lr(optimizer, args.lr)
+            step()
+            host_times.append(time.thread_time() - t)
+        seconds = step_throughput.timed(timed_step, steps, device)
+        images = args.batch_size * (1 + 2 * args.mu)
+        timings[name] = {"step_ms": 1000 * seconds, "img_per_s": images / seconds,
+                         "host_ms": 1000 * statistics.median(host_times[-steps:]),
+                         "projected_2pow20_h": 2 ** 20 * seconds / 3600}
+    result["timings"] = timings
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # 4. A real run
 # ----------------------------------------------------------------------------------------------------
 def part_real_run(device: torch.device, s: dict, data_dir: str, work: str, seconds: float, compile: bool,
@@ -608,6 +761,19 @@ def markdown(report: dict) -> str:
                   "floor of FixMatch's wall time on this GPU with these kernels.", ""]
     elif graphed:
         lines += [f"Model-only step in one CUDA graph: {graphed.get('error') or graphed.get('skipped')}", ""]
+    lines += ["## 3b. One FixMatch iteration captured in a CUDA graph", ""]
+    captured = parts.get("captured", {})
+    if "checks" in captured:
+        lines += checks_table(captured["checks"])
+    if "timings" in captured:
+        lines += ["The whole iteration (index batches, augmentation's draws and plan on the host; augmentation "
+                  "with fixed shapes, train_step and EMA on the device, replayed from one graph) against the script's "
+                  "eager "
+                  f"iteration, bf16, {report['sizes']['batch']} labeled images per step:", "",
+                  "| iteration | step (ms) | host CPU (ms) | images/s | 2^20 steps (h) |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {t['step_ms']:.1f} | {t['host_ms']:.1f} | {t['img_per_s']:.0f} | "
+                  f"{t['projected_2pow20_h']:.2f} |" for name, t in captured["timings"].items()]
+        lines += [""]
     lines += ["## 4. Real run", ""]
     lines += real_run_lines(parts.get("real_run", {}))
     lines += ["## 5. Peers on this device", ""]
@@ -684,7 +850,7 @@ def peers_lines(parts: dict, s: dict) -> list[str]:
     return lines + [""]
 
 
-PARTS = ["devices", "resume", "speed", "peers", "real_run"]
+PARTS = ["devices", "resume", "captured", "speed", "peers", "real_run"]
 
 
 def main() -> int:
@@ -750,6 +916,7 @@ def main() -> int:
         depth_width = (int(s["net"][1]), int(s["net"][3]))
         record("devices", attempt("devices", lambda: part_devices(device, s, depth_width), 10))
         record("resume", attempt("resume", lambda: part_resume(device, synthetic, work), 10))
+        record("captured", attempt("captured", lambda: part_captured(device, s, max(s["steps"], 20)), 20))
         record("speed", part_speed(args, device, s, compile_scripts, synthetic, work, attempt))
         if not has_cifar:
             record("real_run", {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"})

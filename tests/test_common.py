@@ -206,6 +206,37 @@ def test_views_are_the_images_and_draws_of_calls_in_a_row(photo_like_images, aug
     assert not torch.equal(out[0], out[1])
 
 
+@pytest.mark.parametrize("views", [None, 3])
+def test_fixed_shapes_are_the_same_images_and_draws(images, views):
+    # Every image through every kind of op (identity where it drew another kind) gives the grouped route's images
+    # bit for bit, on uint8 and on float images, and leaves the generator where the grouped route leaves it.
+    for seed in range(4):
+        g, replay = generator_pair(seed)
+        out = common.strong_augment(images, g, views=views, fixed_shapes=True)
+        assert torch.equal(out, common.strong_augment(images, replay, views=views))
+        assert torch.equal(g.get_state(), replay.get_state())
+    f = common.strong_augment(images.float(), torch.Generator().manual_seed(0), views=views, fixed_shapes=True)
+    ref = common.strong_augment(images, torch.Generator().manual_seed(0), views=views)
+    assert f.dtype == torch.float32 and torch.equal(f, ref.float())
+
+
+@pytest.mark.parametrize("name", common.OP_NAMES)
+def test_fixed_shapes_each_op_for_the_whole_batch(images, name):
+    # One op drawn by every image (and so none of the other kinds: their identities carry every image), at
+    # values across its range: the fixed-shape round equals the op itself.
+    b, (_, _, lo, hi) = len(images), common.RANDAUGMENT_OPS[name]
+    op, v = np.full(b, common.OP_NAMES.index(name)), np.linspace(lo, hi, b)
+    plan = [torch.from_numpy(a) for a in common._plan_ops_fixed(op, v, 32, 32)]
+    assert torch.equal(common._run_ops_fixed(images, *plan), common.apply_op(name, images, v))
+
+
+def test_fixed_shapes_plan_shapes_do_not_depend_on_the_draws():
+    # What a CUDA graph needs: the same arrays, shapes and dtypes whatever ops the images drew.
+    shapes = {tuple((a.shape, a.dtype.str) for a in common.plan_strong(torch.Generator().manual_seed(s), 16, 32, 32))
+              for s in range(20)}
+    assert len(shapes) == 1
+
+
 def test_cutout_odd_size_hand_computed():
     x = torch.zeros(1, 1, 6, 6, dtype=torch.uint8)
     out = common.cutout(x, cy=torch.tensor([2]), cx=torch.tensor([3]), size=3, fill=9)

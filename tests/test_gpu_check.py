@@ -30,6 +30,7 @@ def test_gpu_check_rehearsal_on_cpu(cifar_dir, tmp_path):
     assert report["passed"] and report["wall_s"] < 300
     parts = report["parts"]
     assert all(c["ok"] is not False for p in ("devices", "resume") for c in parts[p]["checks"])
+    assert [c["ok"] for c in parts["captured"]["checks"]] == [True]  # fixed shapes: bit-identical to the script's
     assert len(parts["devices"]["checks"]) >= 7 and parts["devices"]["augmentation_ops"]["strong_augment"]["aten_ops"]
     speed = {(r["script"], r["compile"]): r for r in parts["speed"]["rows"]}
     assert {name for name, _ in speed} == {"supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"}
@@ -46,6 +47,7 @@ def test_gpu_check_rehearsal_on_cpu(cifar_dir, tmp_path):
     with open(out / "report.md") as f:
         markdown = f.read()
     assert "all checks passed" in markdown and "## 4. Real run" in markdown and "**Complete**" in markdown
+    assert "## 3b. One FixMatch iteration captured in a CUDA graph" in markdown
     assert "## 5. Peers on this device" in markdown and "peer code not found at" in markdown
 
 
