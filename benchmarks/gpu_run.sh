@@ -17,8 +17,9 @@ else  # the other parts still run, on synthetic data; the report says the real r
     DATA=gpu_data/absent
 fi
 # 540 s: the real run's 410 are reserved (16,384 compiled steps at ~20 ms on an H200, plus compiling and 16
-# evaluations); devices, resume and the eager speed of FixMatch, MixMatch and ReMixMatch (~50 s; the last two
-# since their interleaved batches became one pass) come before it, the peers after it. timeout
+# evaluations); devices, resume, the captured FixMatch iteration (part 3b, ~20 s) and the eager speed of
+# FixMatch, MixMatch and ReMixMatch (~50 s; the last two since their interleaved batches became one pass) come
+# before it, in the ~115 s the reserve leaves, the peers after it. timeout
 # only guards the device's 600 s limit; the reports are rewritten after every part. GPU_CHECK_EXTRA: flags that
 # win (the CPU rehearsal: "--device cpu --quick --budget-s 600 --real-run-s 120").
 timeout -k 5 $((580 - SECONDS + start)) python3 benchmarks/gpu_check.py --out "$OUT/gpu" --data-dir "$DATA" \
