@@ -309,8 +309,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             # ALGORITHM: one step
             # Adam: constant, as in the paper
             lr = cosine_lr(step, total_steps, args.lr) if args.optimizer == "sgd" else args.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
             # index_select: x[idx] is ~15x slower for this on CPU
             x_l, u = train_x.index_select(0, idx_l), train_x.index_select(0, idx_u)
@@ -540,7 +539,7 @@ def summarize(names: list[str], sums: torch.Tensor, steps: int) -> dict:
 # Run folder, checkpoint and resume
 # ----------------------------------------------------------------------------------------------------
 # Flags that do not change what is computed, or where it runs: a rerun may change them and still resume.
-NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "data_dir", "device"}
+NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "cuda_graph", "data_dir", "device"}
 # Exit statuses besides 0 (see main, the README and docs/cluster.md). 75 is sysexits.h's EX_TEMPFAIL, "try again":
 # grid.sbatch requeues a task that ends with it.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
@@ -710,6 +709,57 @@ def save_model(path: str, ema_model: torch.nn.Module, args: argparse.Namespace, 
         "classes": list(data["classes"]), "mean": list(data["mean"]), "std": list(data["std"]),
         "image_size": args.image_size, "algorithm": ALGORITHM, "dataset": args.dataset, "n_labeled": args.n_labeled,
         "seed": args.seed, "steps": args.epochs * args.steps_per_epoch, "final_top1": top1})
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's learning rate, in every parameter group: written into the group's device tensor where
+    device_lr made one (a captured SGD step reads it there at every replay), else set as a number."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """The learning rate as a float32 tensor on `device` in every group, which fused SGD reads on the device, so
+    that a CUDA graph of its step follows the schedule; state_dict turns it back into a number, so that a
+    checkpoint is the same as an eager run's and resumes on any device."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+    def as_numbers(_, state: dict) -> dict:
+        return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
+    optimizer.register_state_dict_post_hook(as_numbers)
+
+
+def cuda_graph(update, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 3):
+    """--cuda-graph: `update` (tensors in, a dict of tensors out; the same shapes at every call and no host sync)
+    runs eagerly for its first `warmup` calls, on a side stream as capture requires (cuDNN picks its algorithms,
+    SGD makes its momentum buffers), then is captured once in a CUDA graph. Every later call copies its inputs
+    into the graph's, replays it (one launch for the network's hundreds of kernels, the SGD step and the EMA:
+    the host no longer paces the step) and returns copies of its outputs, which the next replay overwrites. The
+    learning rate moves into device tensors at the capture, after any resume has loaded the optimizer's state."""
+    side, graph, static, calls = torch.cuda.Stream(device), torch.cuda.CUDAGraph(), {}, [0]
+
+    def replay(*inputs: torch.Tensor) -> dict:
+        calls[0] += 1
+        if calls[0] <= warmup:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = update(*inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if not static:
+            device_lr(optimizer, device)
+            static["inputs"] = [t.clone() for t in inputs]
+            with torch.cuda.graph(graph):
+                static["outputs"] = update(*static["inputs"])
+        for static_input, t in zip(static["inputs"], inputs):
+            static_input.copy_(t)
+        graph.replay()
+        return {name: t.clone() for name, t in static["outputs"].items()}
+    return replay
 
 
 def format_time(seconds: float) -> str:

@@ -112,6 +112,12 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     labeled_batches = RandomBatches(labeled.to(device), args.batch_size, seed=args.seed)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
 
+    def update(x_l, y_l) -> dict:  # the step's device work: one CUDA graph with --cuda-graph
+        stats = train_step(forward, optimizer, x_l, y_l, args, amp, mean_std)
+        ema_update(ema_model, model, args.ema_decay)
+        return stats
+    update = cuda_graph(update, optimizer, device) if args.cuda_graph else update
+
     # ---- Resume and the loop: the same in every script, but for the parts listed and the step itself ----
     total_steps = args.epochs * args.steps_per_epoch
     warn_if_slow(args, model, device, total_steps)
@@ -140,12 +146,10 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
         while step < total_steps:
             # ALGORITHM: one step
             lr = cosine_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             idx_l = labeled_batches()
             x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)  # x[idx] is ~15x slower on CPU
-            stats = train_step(forward, optimizer, x_l, train_y[idx_l], args, amp, mean_std)
-            ema_update(ema_model, model, args.ema_decay)
+            stats = update(x_l, train_y[idx_l])
             values = torch.stack(list(stats.values()))
             sums = values if sums is None else sums + values
             names, steps_summed, step = list(stats), steps_summed + 1, step + 1
@@ -256,6 +260,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default="auto", help="bf16 autocast; auto: on CUDA")
     p.add_argument("--compile", action="store_true", help="torch.compile the network: forward and backward, any device")
+    p.add_argument("--cuda-graph", action="store_true", help="CUDA: replay the step, the EMA and the statistics from "
+                   "one CUDA graph after 3 eager steps (the same step; not yet timed on a GPU: benchmarks/README.md)")
     args = p.parse_args(argv)
     run_name = ALGORITHM if args.dataset == "cifar10" else f"{ALGORITHM}_{args.dataset}"
     args.out = getattr(args, "out", None) or os.path.join("runs", f"{run_name}_n{args.n_labeled}_seed{args.seed}")
@@ -275,6 +281,7 @@ def check_args(args: argparse.Namespace) -> None:
         (args.depth >= 10 and (args.depth - 4) % 6 == 0,
          f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
         (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+        (not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs --device cuda"),
     ]
     for ok, message in checks:
         if not ok:
@@ -332,7 +339,7 @@ def summarize(names: list[str], sums: torch.Tensor, steps: int) -> dict:
 # Run folder, checkpoint and resume
 # ----------------------------------------------------------------------------------------------------
 # Flags that do not change what is computed, or where it runs: a rerun may change them and still resume.
-NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "data_dir", "device"}
+NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "cuda_graph", "data_dir", "device"}
 # Exit statuses besides 0 (see main, the README and docs/cluster.md). 75 is sysexits.h's EX_TEMPFAIL, "try again":
 # grid.sbatch requeues a task that ends with it.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
@@ -502,6 +509,57 @@ def save_model(path: str, ema_model: torch.nn.Module, args: argparse.Namespace, 
         "classes": list(data["classes"]), "mean": list(data["mean"]), "std": list(data["std"]),
         "image_size": args.image_size, "algorithm": ALGORITHM, "dataset": args.dataset, "n_labeled": args.n_labeled,
         "seed": args.seed, "steps": args.epochs * args.steps_per_epoch, "final_top1": top1})
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """This step's learning rate, in every parameter group: written into the group's device tensor where
+    device_lr made one (a captured SGD step reads it there at every replay), else set as a number."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """The learning rate as a float32 tensor on `device` in every group, which fused SGD reads on the device, so
+    that a CUDA graph of its step follows the schedule; state_dict turns it back into a number, so that a
+    checkpoint is the same as an eager run's and resumes on any device."""
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+
+    def as_numbers(_, state: dict) -> dict:
+        return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}
+    optimizer.register_state_dict_post_hook(as_numbers)
+
+
+def cuda_graph(update, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 3):
+    """--cuda-graph: `update` (tensors in, a dict of tensors out; the same shapes at every call and no host sync)
+    runs eagerly for its first `warmup` calls, on a side stream as capture requires (cuDNN picks its algorithms,
+    SGD makes its momentum buffers), then is captured once in a CUDA graph. Every later call copies its inputs
+    into the graph's, replays it (one launch for the network's hundreds of kernels, the SGD step and the EMA:
+    the host no longer paces the step) and returns copies of its outputs, which the next replay overwrites. The
+    learning rate moves into device tensors at the capture, after any resume has loaded the optimizer's state."""
+    side, graph, static, calls = torch.cuda.Stream(device), torch.cuda.CUDAGraph(), {}, [0]
+
+    def replay(*inputs: torch.Tensor) -> dict:
+        calls[0] += 1
+        if calls[0] <= warmup:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                out = update(*inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            return out
+        if not static:
+            device_lr(optimizer, device)
+            static["inputs"] = [t.clone() for t in inputs]
+            with torch.cuda.graph(graph):
+                static["outputs"] = update(*static["inputs"])
+        for static_input, t in zip(static["inputs"], inputs):
+            static_input.copy_(t)
+        graph.replay()
+        return {name: t.clone() for name, t in static["outputs"].items()}
+    return replay
 
 
 def format_time(seconds: float) -> str:

@@ -70,6 +70,7 @@ import step_throughput  # noqa: E402
 from step_throughput import write_synthetic_cifar  # noqa: E402
 
 SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
+GRAPH_SCRIPTS = ["fixmatch", "flexmatch", "supervised"]  # the scripts with --cuda-graph (issue 22)
 # The real run's reference setting (issue 23): FixMatch, WRN-28-2, 1024 labels, B = 64, mu = 7, 16 x 1024 steps (the
 # cosine schedule spans these 16,384 steps), an evaluation every 1024; --quick runs the same shape scaled down.
 REFERENCE = {"n_labeled": 1024, "batch": 64, "epochs": 16, "steps_per_epoch": 1024}
@@ -338,18 +339,22 @@ def part_resume(device: torch.device, data_dir: str, work: str) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # 3. Speed
 # ----------------------------------------------------------------------------------------------------
-def time_script(name: str, device: torch.device, s: dict, compile: bool, data_dir: str, work: str) -> dict:
-    """The real loop of `name` on synthetic data for 2 windows of s["steps"] steps; the second window is timed."""
+def time_script(name: str, device: torch.device, s: dict, compile: bool, data_dir: str, work: str,
+                cuda_graph: bool = False) -> dict:
+    """The real loop of `name` on synthetic data for 2 windows of s["steps"] steps; the second window is timed.
+    With cuda_graph, the script's --cuda-graph: train_step then runs only in the warm-up and the capture, so the
+    host's time per iteration is taken at set_lr (once per iteration, outside the graph) and syncs are not counted."""
     module = importlib.import_module(name)
-    out = os.path.join(work, f"speed_{name}_{'compiled' if compile else 'eager'}")
+    out = os.path.join(work, f"speed_{name}_{'compiled' if compile else 'eager'}{'_graph' if cuda_graph else ''}")
     argv = ["--data-dir", data_dir, "--out", out, "--device", str(device), "--batch-size", str(s["batch"]),
             "--n-labeled", "1000", "--epochs", "1", "--steps-per-epoch", str(2 * s["steps"]),
             "--eval-every", str(s["steps"]), "--log-every", str(10 ** 9), *s["net"], *s["extra"].get(name, [])]
     argv += ["--compile"] if compile else []
+    argv += ["--cuda-graph"] if cuda_graph else []
     torch._dynamo.reset()  # each run's model is new: start from empty in-memory caches (the disk cache stays)
     from torch._dynamo.utils import counters
     counters.clear()
-    graphs, syncs, host_times = [], [], []
+    graphs, syncs, host_times, original = [], [], [], {}
 
     def step_counting_graphs(*args, **kwargs):
         host_times.append(time.thread_time())  # the host's CPU time: what it spends per loop iteration
@@ -359,21 +364,26 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    stats = step(*args, **kwargs)
+                    stats = original["train_step"](*args, **kwargs)
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
             syncs.append(len(sync_messages(caught)))
         else:
-            stats = step(*args, **kwargs)
+            stats = original["train_step"](*args, **kwargs)
         graphs.append(graphs_compiled())
         return stats
+
+    def set_lr_timing(*args, **kwargs):  # --cuda-graph: once per loop iteration, outside the graph
+        host_times.append(time.thread_time())
+        return original["set_lr"](*args, **kwargs)
 
     if device.type == "cuda":
         gc.collect()  # the previous run's tensors, so that the peak is this run's
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    with patched(module, "train_step", step_counting_graphs) as step:
+    hook, wrapper = ("set_lr", set_lr_timing) if cuda_graph else ("train_step", step_counting_graphs)
+    with patched(module, hook, wrapper) as original[hook]:
         rc, stdout = run_main(name, argv)
     assert rc == 0, stdout[-2000:]
     wall = time.perf_counter() - start
@@ -383,8 +393,8 @@ def time_script(name: str, device: torch.device, s: dict, compile: bool, data_di
     return {"images_per_step": images, "img_per_s": img_per_s, "step_ms": 1000 * images / img_per_s,
             "host_ms": 1000 * statistics.median(per_step) if per_step else None,
             "peak_mib": torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None,
-            "graphs_first_step": graphs[0] if compile else None,
-            "recompilations_after_first_step": graphs[-1] - graphs[0] if compile else None, "wall_s": wall,
+            "graphs_first_step": graphs[0] if compile and graphs else None,
+            "recompilations_after_first_step": graphs[-1] - graphs[0] if compile and graphs else None, "wall_s": wall,
             "syncs_per_step": sum(syncs) / len(syncs) if syncs else None}
 
 
@@ -499,7 +509,32 @@ def set_lr(optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def part_captured(device: torch.device, s: dict, steps: int) -> dict:
+def scripts_graphed_against_eager(device: torch.device, synthetic: str, work: str) -> list[dict]:
+    """Each script with --cuda-graph against itself eager: 8 fp32 steps (TF32 off; 3 eager warm-up steps, the
+    capture, 5 replays) of a small network, the logged means of the 8 steps and the EMA model's test loss after
+    them. Small sizes: the capture's semantics do not depend on them, and this part must leave the budget to the
+    timings."""
+    checks = []
+    for name in GRAPH_SCRIPTS:
+        rows = {}
+        for graph in (False, True):
+            out = os.path.join(work, f"graph_check_{name}_{'graph' if graph else 'eager'}")
+            argv = ["--data-dir", synthetic, "--out", out, "--device", str(device), "--batch-size", "16", "--n-labeled",
+                    "1000", "--epochs", "1", "--steps-per-epoch", "8", "--eval-every", "8", "--log-every", "100",
+                    "--depth", "10", "--widen-factor", "1", "--no-amp"] + (["--cuda-graph"] if graph else [])
+            rc, stdout = run_main(name, argv)
+            assert rc == 0, stdout[-2000:]
+            rows[graph] = read_metrics(out)[-1]
+        keys = [k for k in ("loss", "loss_x", "loss_u", "test_loss") if k in rows[False]]
+        rel = max(abs(rows[True][k] - rows[False][k]) / max(abs(rows[False][k]), 1e-6) for k in keys)
+        checks.append({"check": f"{name} --cuda-graph against {name} eager, 8 fp32 steps of WRN-10-1 (3 eager, 5 "
+                                "replayed): the steps' mean losses and the EMA model's test loss within 1e-3 "
+                                "(relative)",
+                       "ok": rel < 1e-3, "detail": f"max relative difference {rel:.2e} over {', '.join(keys)}"})
+    return checks
+
+
+def part_captured(device: torch.device, s: dict, steps: int, synthetic: str, work: str) -> dict:
     """Checks that the captured iteration (fixed shapes, one CUDA graph) trains as the eager script does (fp32, TF32
     off: 6 steps, 3 of them replayed, under the cosine schedule), then times eager and captured iterations in bf16.
     On the CPU there is nothing to capture: the check is then the fixed-shape iteration run eagerly against the
@@ -538,6 +573,12 @@ def part_captured(device: torch.device, s: dict, steps: int) -> dict:
     result = {"checks": checks}
     if device.type != "cuda":
         return result
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        checks += scripts_graphed_against_eager(device, synthetic, work)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
     timings = {}
     for name, fixed in (("eager", False), ("captured", True)):
         torch.cuda.empty_cache()
@@ -746,7 +787,8 @@ def markdown(report: dict) -> str:
         def fmt(v, spec):
             return "n/a" if v is None else format(v, spec)
 
-        lines.append(f"| {r['script']} | {'yes' if r['compile'] else 'no'} | {r['images_per_step']} | "
+        lines.append(f"| {r['script']}{' --cuda-graph' if r.get('cuda_graph') else ''} | "
+                     f"{'yes' if r['compile'] else 'no'} | {r['images_per_step']} | "
                      f"{r['step_ms']:.1f} | {fmt(r['host_ms'], '.1f')} | {r['img_per_s']:.0f} | "
                      f"{r['model_only_img_per_s']:.0f} | "
                      f"{r['img_per_s'] / r['model_only_img_per_s']:.2f} | {fmt(r['peak_mib'], '.0f')} | "
@@ -815,7 +857,8 @@ def real_run_lines(real: dict) -> list[str]:
 
 def our_fixmatch(parts: dict) -> dict:
     """Our FixMatch's steps/s at the sizes of part 3: eager and compiled (part 3, synthetic data) and the real run's."""
-    ours = {f"part 3, {'compiled' if r['compile'] else 'eager'}": 1000 / r["step_ms"]
+    ours = {f"part 3, {'--cuda-graph' if r.get('cuda_graph') else 'compiled' if r['compile'] else 'eager'}":
+            1000 / r["step_ms"]
             for r in parts.get("speed", {}).get("rows", []) if r.get("script") == "fixmatch" and "step_ms" in r}
     if "steps_per_s" in parts.get("real_run", {}):
         ours["real run"] = parts["real_run"]["steps_per_s"]
@@ -916,7 +959,8 @@ def main() -> int:
         depth_width = (int(s["net"][1]), int(s["net"][3]))
         record("devices", attempt("devices", lambda: part_devices(device, s, depth_width), 10))
         record("resume", attempt("resume", lambda: part_resume(device, synthetic, work), 10))
-        record("captured", attempt("captured", lambda: part_captured(device, s, max(s["steps"], 20)), 20))
+        record("captured", attempt("captured", lambda: part_captured(device, s, max(s["steps"], 20), synthetic, work),
+                                   20))
         record("speed", part_speed(args, device, s, compile_scripts, synthetic, work, attempt))
         if not has_cifar:
             record("real_run", {"skipped": f"no CIFAR-10 in {args.data_dir} (cifar-10-batches-py/ absent)"})
@@ -943,15 +987,18 @@ def part_speed(args: argparse.Namespace, device: torch.device, s: dict, compile_
         return {"skipped": "not asked for (--parts)"}
     order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch"] if n in args.scripts]
     rows, compile_s = [], 30.0 if args.quick else 60.0  # compile_s: the last compiled run's time
-    for compile in (False, True):
-        for name in order if not compile else [n for n in order if n in compile_scripts]:
-            row = attempt("speed", lambda: time_script(name, device, s, compile, synthetic, work),
-                          compile_s if compile else 5)
-            row.update(script=name, compile=compile)
-            if "img_per_s" in row:
-                row["model_only_img_per_s"] = time_model_only(row["images_per_step"], device, s, compile, s["steps"])
-                compile_s = row["wall_s"] if compile else compile_s
-            rows.append(row)
+    # Each script eager, and with --cuda-graph beside it where it has one (CUDA only), then the compiled runs.
+    graphs = GRAPH_SCRIPTS if device.type == "cuda" else []
+    runs = [(n, False, g) for n in order for g in (False, True) if not g or n in graphs]
+    runs += [(n, True, False) for n in order if n in compile_scripts]
+    for name, compile, graph in runs:
+        row = attempt("speed", lambda: time_script(name, device, s, compile, synthetic, work, cuda_graph=graph),
+                      compile_s if compile else 5)
+        row.update(script=name, compile=compile, cuda_graph=graph)
+        if "img_per_s" in row:
+            row["model_only_img_per_s"] = time_model_only(row["images_per_step"], device, s, compile, s["steps"])
+            compile_s = row["wall_s"] if compile else compile_s
+        rows.append(row)
     speed = {"rows": rows}
     fixmatch_images = next((r["images_per_step"] for r in rows if r["script"] == "fixmatch"
                             and "images_per_step" in r), None)

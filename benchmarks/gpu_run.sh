@@ -17,11 +17,13 @@ else  # the other parts still run, on synthetic data; the report says the real r
     DATA=gpu_data/absent
 fi
 # 540 s: the real run's 410 are reserved (16,384 compiled steps at ~20 ms on an H200, plus compiling and 16
-# evaluations); devices, resume, the captured FixMatch iteration (part 3b, ~20 s) and the eager speed of
-# FixMatch, MixMatch and ReMixMatch (~50 s; the last two since their interleaved batches became one pass) come
-# before it, in the ~115 s the reserve leaves, the peers after it. timeout
+# evaluations); devices and resume (~20 s), part 3b (the captured FixMatch iteration and the --cuda-graph checks,
+# ~25 s) and the speed of every script eager, FixMatch, FlexMatch and supervised also with --cuda-graph (~55 s;
+# MixMatch and ReMixMatch for what one pass over their interleaved batches gained) come before it, in the ~115 s
+# the reserve leaves, the peers after it. timeout
 # only guards the device's 600 s limit; the reports are rewritten after every part. GPU_CHECK_EXTRA: flags that
 # win (the CPU rehearsal: "--device cpu --quick --budget-s 600 --real-run-s 120").
 timeout -k 5 $((580 - SECONDS + start)) python3 benchmarks/gpu_check.py --out "$OUT/gpu" --data-dir "$DATA" \
-    --budget-s 540 --real-run-s 410 --scripts fixmatch mixmatch remixmatch --compile-scripts ${GPU_CHECK_EXTRA:-}
+    --budget-s 540 --real-run-s 410 --scripts fixmatch flexmatch supervised mixmatch remixmatch \
+    --compile-scripts ${GPU_CHECK_EXTRA:-}
 echo "gpu_check exit status $?; $((SECONDS - start)) s in all"

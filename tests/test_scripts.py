@@ -240,12 +240,14 @@ BAD_INPUT = [
     (["--depth", "12"], "--depth must be 6n+4"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
 ]
+CUDA_GRAPH_ON_CPU = (["--cuda-graph"], "--cuda-graph needs --device cuda")  # TINY runs on the CPU
 SCRIPT_BAD_INPUT = {
     "fixmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
-                 (["--threshold", "0"], "--threshold must be in (0, 1]")],
+                 (["--threshold", "0"], "--threshold must be in (0, 1]"), CUDA_GRAPH_ON_CPU],
     "flexmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
                   (["--threshold", "0"], "--threshold must be in (0, 1]"),
-                  (["--lambda-u", "-1"], "--lambda-u must be >= 0")],
+                  (["--lambda-u", "-1"], "--lambda-u must be >= 0"), CUDA_GRAPH_ON_CPU],
+    "supervised": [CUDA_GRAPH_ON_CPU],
     "mixmatch": [(["--k", "0"], "--k must be >= 1"), (["--temperature", "0"], "--temperature must be > 0"),
                  (["--alpha", "0"], "--alpha must be > 0"), (["--rampup-steps", "-1"], "--rampup-steps must be >= 0")],
     "remixmatch": [(["--k-strong", "0"], "--k-strong must be >= 1"),

@@ -14,7 +14,8 @@ from test_scripts import ROOT, SCRIPTS
 SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_dir", "strict", "write_atomic",
           "write_json", "write_metrics", "read_metrics", "save_checkpoint", "save_model", "format_time",
           "warn_if_slow", "stop_diverged", "stop_interrupted", "main", "summarize", "training_state",
-          "restore_training_state", "catch_stop_signals", "interval_state", "stop_preempted"]
+          "restore_training_state", "catch_stop_signals", "interval_state", "stop_preempted", "set_lr", "device_lr",
+          "cuda_graph"]
 # The same in the four semi-supervised scripts (the supervised baseline has no pseudo-labels).
 SHARED_SSL = ["pseudo_label_stats"]
 SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
@@ -77,3 +78,35 @@ def test_each_script_names_itself(name, capsys):
     folders = set(re.findall(r"runs/([a-z]+)_n", text + help_text))
     assert commands == {name} and folders == {name}, (commands, folders)
     assert f"runs/{name}_n<n-labeled>_seed<seed>" in help_text
+
+
+def test_learning_rate_in_a_device_tensor_follows_the_schedule_and_checkpoints_as_a_number():
+    """--cuda-graph's learning rate (the part of it that runs on a CPU): device_lr puts it in a tensor that set_lr
+    then fills in place (a captured SGD step reads that tensor at every replay, so it must stay the same object),
+    SGD steps with it as with the number, and state_dict holds numbers, as an eager run's checkpoint does."""
+    import torch
+
+    import fixmatch
+
+    def sgd():
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(5))
+        return w, torch.optim.SGD([{"params": [w]}, {"params": [], "weight_decay": 0.0}], lr=0.03, momentum=0.9,
+                                  nesterov=True, weight_decay=5e-4)
+
+    (w_number, opt_number), (w_tensor, opt_tensor) = sgd(), sgd()
+    fixmatch.device_lr(opt_tensor, torch.device("cpu"))
+    lr_tensors = [g["lr"] for g in opt_tensor.param_groups]
+    assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in lr_tensors)
+    for lr in (0.03, 0.02, 0.015625):  # the last is exact in float32, so the checkpoint's number is too
+        for opt, w in ((opt_number, w_number), (opt_tensor, w_tensor)):
+            fixmatch.set_lr(opt, lr)
+            opt.zero_grad()
+            (w ** 2).sum().backward()
+            opt.step()
+    assert all(g["lr"] is t for g, t in zip(opt_tensor.param_groups, lr_tensors))  # the same tensors, filled
+    assert lr_tensors[0].item() == 0.015625 and opt_number.param_groups[0]["lr"] == 0.015625
+    torch.testing.assert_close(w_tensor, w_number, rtol=1e-6, atol=1e-7)
+    groups = opt_tensor.state_dict()["param_groups"]
+    assert [g["lr"] for g in groups] == [0.015625, 0.015625] and all(type(g["lr"]) is float for g in groups)
+    assert opt_tensor.param_groups[0]["lr"] is lr_tensors[0]  # state_dict left the live groups alone
