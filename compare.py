@@ -39,7 +39,8 @@ import threading
 ALGORITHMS = ["supervised", "mixmatch", "remixmatch", "fixmatch", "flexmatch"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Arguments that do not change a run's result, or that define the grid's axes (not its rows).
-NOT_A_SETTING = {"algorithm", "out", "overwrite", "log_every", "compile", "data_dir", "device", "seed", "n_labeled"}
+NOT_A_SETTING = {"algorithm", "out", "overwrite", "log_every", "compile", "cuda_graph", "data_dir", "device", "seed",
+                 "n_labeled"}
 
 
 class UsageError(Exception):

@@ -305,3 +305,10 @@ def test_tiny_real_grid(cifar_dir, tmp_path):
     assert "Unfinished" not in text
     for name in ("accuracy_vs_labels.png", "curves.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
+
+
+def test_flags_a_rerun_may_change_do_not_split_the_report_rows():
+    # The scripts' NOT_COMPARED (flags that do not change what a run computes) must not make two runs of one
+    # algorithm different rows of the report (--cuda-graph was added to the first and, at first, not the second).
+    import fixmatch
+    assert fixmatch.NOT_COMPARED <= compare.NOT_A_SETTING
