@@ -405,15 +405,19 @@ def run_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_accuracy_vs_labels(finished: list[dict], path: str) -> None:
+PANELS = (("final_top1", "final evaluation"), ("median_last20_top1", "median of the last 20 evaluations"))
+
+
+def plot_accuracy_vs_labels(finished: list[dict], path: str, panels: tuple = PANELS) -> None:
     """Top-1 against the number of labels, one line per row of the tables, error bars = std over seeds;
-    at the final evaluation and as the median of the last 20 (the same when a run has fewer than 20)."""
+    one panel per (results key, title): by default at the final evaluation and as the median of the last 20
+    (the same when a run has fewer than 20)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), sharey=True, squeeze=False)
+    axes = axes[0]
     colours = algorithm_colours(finished)
-    panels = (("final_top1", "final evaluation"), ("median_last20_top1", "median of the last 20 evaluations"))
     for ax, (key, title) in zip(axes, panels):
         for label, cells in group_runs(finished).items():
             ns = sorted(cells)

@@ -312,3 +312,28 @@ def test_flags_a_rerun_may_change_do_not_split_the_report_rows():
     # algorithm different rows of the report (--cuda-graph was added to the first and, at first, not the second).
     import fixmatch
     assert fixmatch.NOT_COMPARED <= compare.NOT_A_SETTING
+
+
+def test_label_sweep_tool_tables_from_csv_rows(tmp_path):
+    # tools/label_sweep.py (issue 24): CSV rows (some kept only as numbers, some read from run folders) become
+    # compare.py's tables; a row for the same (algorithm, n_labeled, seed) replaces the older one.
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import label_sweep
+
+    def row(algorithm, seed, top1):
+        return {"algorithm": algorithm, "n_labeled": 40, "seed": seed, "final_top1": top1, "final_top5": "",
+                "source": "test"}
+    old = [row("supervised", 0, "0.20"), row("supervised", 1, "0.99"), row("fixmatch", 0, "0.21")]
+    new = [row("supervised", 1, "0.22"), row("fixmatch", 1, "0.25"), row("flexmatch", 0, "0.23"),
+           row("flexmatch", 1, "0.24")]
+    rows = label_sweep.merge(old, new)
+    assert [(r["algorithm"], r["seed"], r["final_top1"]) for r in rows] == [
+        ("supervised", 0, "0.20"), ("supervised", 1, "0.22"), ("fixmatch", 0, "0.21"), ("fixmatch", 1, "0.25"),
+        ("flexmatch", 0, "0.23"), ("flexmatch", 1, "0.24")]
+    text = label_sweep.markdown(label_sweep.as_runs(rows))
+    assert "| supervised | 21.00 ± 1.41 (2): 20.00, 22.00 |" in text
+    assert "| fixmatch | +2.00 ± 1.41 (2; above on 2/2) |" in text  # (+1, +3) against supervised
+    assert "| flexmatch | +0.50 ± 2.12 (2; above on 1/2) |" in text  # (+2, -1) against FixMatch
+    label_sweep.compare.plot_accuracy_vs_labels(label_sweep.as_runs(rows), str(tmp_path / "a.png"),
+                                                panels=(("final_top1", "final"),))
+    assert (tmp_path / "a.png").stat().st_size > 0
