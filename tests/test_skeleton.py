@@ -110,3 +110,59 @@ def test_learning_rate_in_a_device_tensor_follows_the_schedule_and_checkpoints_a
     groups = opt_tensor.state_dict()["param_groups"]
     assert [g["lr"] for g in groups] == [0.015625, 0.015625] and all(type(g["lr"]) is float for g in groups)
     assert opt_tensor.param_groups[0]["lr"] is lr_tensors[0]  # state_dict left the live groups alone
+
+
+def test_cuda_graph_warms_up_captures_once_then_replays(monkeypatch):
+    """cuda_graph's bookkeeping, with torch.cuda's stream and graph calls replaced by stand-ins that record them
+    (the capture itself needs a GPU: benchmarks/gpu_check.py part 3b checks it there). `update` runs eagerly on
+    the side stream for the warm-up calls, then once inside the capture, with copies of that call's inputs and the
+    learning rate already in a tensor; every later call copies its inputs into those and replays."""
+    import contextlib
+
+    import torch
+
+    import fixmatch
+
+    log, capturing = [], [False]
+
+    class Stream:
+        def wait_stream(self, other):
+            log.append("wait")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        capturing[0] = True
+        yield
+        capturing[0] = False
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        log.append("side")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    w = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    seen = []
+
+    def update(x):
+        seen.append((capturing[0], x.item(), isinstance(optimizer.param_groups[0]["lr"], torch.Tensor), x))
+        return {"y": x * 2}
+
+    step = fixmatch.cuda_graph(update, optimizer, torch.device("cpu"), warmup=2)
+    inputs = [torch.tensor([float(i)]) for i in range(5)]
+    outputs = [step(x) for x in inputs]
+    assert [s[:3] for s in seen] == [(False, 0, False), (False, 1, False), (True, 2, True)]
+    graph_input = seen[2][3]
+    assert graph_input is not inputs[2]  # the graph's own input, a copy
+    assert log.count("side") == 2 and log.count("replay") == 3  # calls 3, 4 and 5 replay
+    assert graph_input.item() == 4  # the last call's input was copied into the graph's
+    assert outputs[1]["y"].item() == 2 and outputs[4]["y"] is not outputs[3]["y"]  # replays return copies
