@@ -434,7 +434,8 @@ def fixmatch_iteration(device: torch.device, s: dict, amp: bool, fixed_shapes: b
     (augmentation, train_step, EMA, the diagnostics; statistics out as one tensor). With fixed_shapes, the device's
     part has the same operations and shapes at every step (common.plan_strong/apply_strong), so it can be captured;
     without, it is the script's own path (the grouped strong_augment, whose shapes follow the draws), done whole in
-    `host`. Returns (host, device_part, model, optimizer, args): device_part(*host()) is one iteration."""
+    `host`. Returns (host, device_part, model, optimizer, args): device_part(*host()) is one iteration, its
+    statistics as {"stats": tensor}, the shape fixmatch.cuda_graph captures."""
     import fixmatch
 
     args = fixmatch.parse_args(["--batch-size", str(s["batch"]), "--threshold", "0.5"] + s["net"]
@@ -466,47 +467,19 @@ def fixmatch_iteration(device: torch.device, s: dict, amp: bool, fixed_shapes: b
             rest = x_l, common.apply_weak(u, rest[2:4]), common.apply_strong(u, rest[4:])
         stats, pseudo, mask = fixmatch.train_step(model, optimizer, rest[0], labels[idx_l], rest[1], rest[2], args, amp)
         fixmatch.ema_update(ema, model, args.ema_decay)
-        return torch.stack(list({**stats, **fixmatch.pseudo_label_stats(pseudo, mask, labels[idx_u])}.values()))
+        return {"stats": torch.stack(list({**stats, **fixmatch.pseudo_label_stats(pseudo, mask, labels[idx_u])}
+                                          .values()))}
 
     return host, device_part, model, optimizer, args
 
 
-def captured(host, device_part, device: torch.device, warmup: int = 3):
-    """An iteration function: `warmup` eager iterations on a side stream (cuDNN's choices, the momentum buffers,
-    common.py's cached constants), then device_part captured in one CUDA graph, its inputs copied into the graph's
-    static ones and the graph replayed at every later call. Each call is one training step, warm-up included."""
-    state = {"calls": 0}
+def iteration_step(host, device_part, optimizer, device: torch.device, graphed: bool):
+    """One training step per call: device_part(*host()), or with graphed the device part through fixmatch.py's
+    own cuda_graph (3 eager warm-up steps, the capture, replays). Returns the step's statistics tensor."""
+    import fixmatch
 
-    def step():
-        inputs = host()
-        state["calls"] += 1
-        if state["calls"] <= warmup:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                out = device_part(*inputs)
-            torch.cuda.current_stream(device).wait_stream(side)
-            return out
-        if "graph" not in state:
-            state["static"] = [t.clone() for t in inputs]
-            state["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(state["graph"]):
-                state["out"] = device_part(*state["static"])
-        for static, t in zip(state["static"], inputs):
-            static.copy_(t, non_blocking=True)
-        state["graph"].replay()
-        return state["out"].clone()  # the next replay overwrites it
-    return step
-
-
-def set_lr(optimizer, lr: float) -> None:
-    """The loop's learning rate: a Python float in the group (eager), or written into the group's device tensor (a
-    captured fused SGD step reads it there at every replay)."""
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+    part = fixmatch.cuda_graph(device_part, optimizer, device) if graphed else device_part
+    return lambda: part(*host())["stats"]
 
 
 def scripts_graphed_against_eager(device: torch.device, synthetic: str, work: str) -> list[dict]:
@@ -548,14 +521,10 @@ def part_captured(device: torch.device, s: dict, steps: int, synthetic: str, wor
         runs = {}
         for name, fixed in (("eager", False), ("captured", True)):
             host, device_part, model, optimizer, args = fixmatch_iteration(device, s, False, fixed)
-            step = lambda: device_part(*host())  # noqa: E731
-            if fixed and device.type == "cuda":
-                for group in optimizer.param_groups:  # fused SGD takes a device tensor as its learning rate
-                    group["lr"] = torch.tensor(args.lr, device=device)
-                step = captured(host, device_part, device)
+            step = iteration_step(host, device_part, optimizer, device, fixed and device.type == "cuda")
             stats = []
             for k in range(n):
-                set_lr(optimizer, fixmatch.cosine_lr(k, n, args.lr))
+                fixmatch.set_lr(optimizer, fixmatch.cosine_lr(k, n, args.lr))
                 stats.append(step())
             runs[name] = torch.stack(stats).cpu(), [p.detach().cpu() for p in model.parameters()]
     finally:
@@ -583,16 +552,12 @@ def part_captured(device: torch.device, s: dict, steps: int, synthetic: str, wor
     for name, fixed in (("eager", False), ("captured", True)):
         torch.cuda.empty_cache()
         host, device_part, model, optimizer, args = fixmatch_iteration(device, s, True, fixed)
-        step = lambda: device_part(*host())  # noqa: E731
-        if fixed:
-            for group in optimizer.param_groups:
-                group["lr"] = torch.tensor(args.lr, device=device)
-            step = captured(host, device_part, device)
+        step = iteration_step(host, device_part, optimizer, device, fixed)
         host_times = []
 
         def timed_step():
             t = time.thread_time()
-            set_lr(optimizer, args.lr)
+            fixmatch.set_lr(optimizer, args.lr)
             step()
             host_times.append(time.thread_time() - t)
         seconds = step_throughput.timed(timed_step, steps, device)
