@@ -522,11 +522,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def device_lr(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    """The learning rate as a float32 tensor on `device` in every group, which fused SGD reads on the device, so
-    that a CUDA graph of its step follows the schedule; state_dict turns it back into a number, so that a
-    checkpoint is the same as an eager run's and resumes on any device."""
+    """The learning rate as a float32 tensor on `device` in every group, which the fused SGD step reads on the
+    device, so that a CUDA graph of the step follows the schedule (the step is made the fused one: a checkpoint of
+    a CPU run says unfused, and the unfused step reads the tensor back to the host). state_dict turns it back into
+    a number, so that a checkpoint is the same as an eager run's and resumes on any device."""
     for group in optimizer.param_groups:
         group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+        group["fused"], group["foreach"] = True, False
 
     def as_numbers(_, state: dict) -> dict:
         return {**state, "param_groups": [{**g, "lr": float(g["lr"])} for g in state["param_groups"]]}

@@ -98,6 +98,7 @@ def test_learning_rate_in_a_device_tensor_follows_the_schedule_and_checkpoints_a
     fixmatch.device_lr(opt_tensor, torch.device("cpu"))
     lr_tensors = [g["lr"] for g in opt_tensor.param_groups]
     assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in lr_tensors)
+    assert all(g["fused"] for g in opt_tensor.param_groups)  # the step that reads the lr on the device
     for lr in (0.03, 0.02, 0.015625):  # the last is exact in float32, so the checkpoint's number is too
         for opt, w in ((opt_number, w_number), (opt_tensor, w_tensor)):
             fixmatch.set_lr(opt, lr)
