@@ -76,7 +76,8 @@ def main() -> None:
     p.add_argument("--source", default="commit 3124230, 2-core AMD EPYC VM, 2026-12",
                    help="what the CSV's source column says of the runs added from --runs")
     p.add_argument("--csv", default=os.path.join(REPO, "docs", "cpu_runs.csv"), help="one row per run")
-    p.add_argument("--plot", default=os.path.join(REPO, "docs", "cpu_accuracy_vs_labels.png"))
+    p.add_argument("--plot", default=os.path.join(REPO, "docs", "cpu_accuracy_vs_labels.png"),
+                   help="the figure (PNG): top-1 against the number of labels, log x-axis, std over seeds as bars")
     args = p.parse_args()
     rows = read_csv(args.csv)
     if args.runs:
