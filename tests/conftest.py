@@ -15,14 +15,16 @@ import platform
 # threads make every small op wait for two free cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The CPU kernels pinned to one instruction set on x86, so that tests/golden holds on every x86 machine. torch's
-# vectorised kernels and MKL's matrix products pick the widest instructions a CPU has (AVX-512 where there is
-# one, AVX2 on this project's AMD EPYC VM), and the wider ones add in another order: the golden tiny runs,
-# recorded on the Intel VM, differed by up to 3e-3 relative after their 12 steps on the AMD one (fixmatch.py
-# 8e-4, supervised.py 1e-6: pseudo-labels and masks amplify a rounding difference). AVX2 is on both; set
-# before torch loads, and inherited by the scripts the tests start.
+# vectorised kernels, MKL's matrix products and oneDNN's convolutions each pick the widest instructions a CPU has
+# (AVX-512 where there is one, AVX2 on the AMD EPYC VM that recorded tests/golden), and the wider ones add in
+# another order: after their 12 steps the tiny runs differed by up to 3e-3 relative between an Intel VM with
+# AVX-512 and that AMD VM (fixmatch.py 8e-4, supervised.py 1e-6: pseudo-labels and masks amplify a rounding
+# difference), and by up to 9e-5 on an AMD EPYC with AVX-512 (Zen 4) while oneDNN alone was not pinned. AVX2 is
+# on all of them; set before torch loads, and inherited by the scripts the tests start.
 if platform.machine() in ("x86_64", "AMD64"):
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # MKL's conditional numerical reproducibility
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
 import numpy as np  # noqa: E402 (after the environment above: torch reads it when it loads)
 import pytest

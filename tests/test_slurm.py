@@ -7,6 +7,7 @@ results of an uninterrupted run. Skipped where SLURM is not installed (.ci/run i
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -25,12 +26,15 @@ pytestmark = [
                               "apt-get install slurm-wlm munge, as .ci/run does"),
     pytest.mark.skipif(os.geteuid() != 0, reason="slurmd launches jobs as their user: it needs root"),
 ]
-# The grid: 2 algorithms x 2 seeds of the tiny runs, 6 epochs rather than 3 so that a signal sent at step 2 of 24
-# reaches fixmatch (about 0.3 s a step here) well before its end. One CPU per task: two tasks at a time.
+# The grid: 2 algorithms x 2 seeds of the tiny runs, 6 epochs rather than 3 so that a stop at step 2 of 24 falls
+# well inside fixmatch's run (the grid fixture pauses the script until the signal arrives: 24 steps take about
+# 7 s on one VM, 1 s on another, and SLURM's requeue may take longer). One CPU per task: two tasks at a time.
 ALGORITHMS, SEEDS = ["fixmatch", "supervised"], [0, 1]
 FLAGS = TINY[:TINY.index("--n-labeled")] + TINY[TINY.index("--n-labeled") + 2:] + SCRIPTS["fixmatch"]
 FLAGS[FLAGS.index("--epochs") + 1] = "6"
 TIMEOUT_S = 300
+# The signal that reaches each stopped task's script: SIGUSR1 passed on by the batch shell, SIGTERM from SLURM.
+SIGNALS = {0: signal.SIGUSR1, 1: signal.SIGTERM}
 
 
 def free_port() -> int:
@@ -147,6 +151,31 @@ def wait_for(condition, timeout_s: float, what: str, logs: list[str]) -> None:
         time.sleep(0.1)
 
 
+def run_pid(folder: str) -> int | None:
+    """The pid of the script that trains into `folder` (its --out), or None while there is none."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:  # gone meanwhile
+            continue
+        if "python" in os.path.basename(argv[0]) and folder in argv:
+            return int(pid)
+    return None
+
+
+def signal_waits_or_runs(pid: int, signum: int) -> bool:
+    """Whether the stopped process `pid` has `signum` pending, runs again (SLURM sends SIGCONT before SIGTERM),
+    or is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except OSError:
+        return True
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return bool(pending >> (signum - 1) & 1) or not status["State"].strip().startswith("T")
+
+
 def task_log(out: str, job: str, task: int) -> str:
     path = os.path.join(out, f"slurm-{job}_{task}.log")
     if not os.path.exists(path):
@@ -160,7 +189,10 @@ def grid(cluster, tmp_path_factory, cifar_dir):
     """Write the tiny grid with compare.py --slurm, submit it, and as fixmatch's two tasks reach step 2: send
     SIGUSR1 to task 0's batch shell (`scancel --batch --signal=USR1`, what --signal=B:USR1@120 makes SLURM do
     before the time limit) and requeue task 1 (`scontrol requeue`, what preemption in PreemptMode=REQUEUE does);
-    wait for the array to end. Returns (runs, grid folder, array job id, seconds it took)."""
+    wait for the array to end. Returns (runs, grid folder, array job id, seconds it took).
+
+    Each script is paused (SIGSTOP) from step 2 until its signal reaches it: on a fast CPU the 24 steps end
+    sooner than SLURM delivers a signal, and the stop would then come too late to be tested."""
     env, logs = cluster
     out = str(tmp_path_factory.mktemp("grid"))
     argv = ["--algorithms", *ALGORITHMS, "--seeds", *map(str, SEEDS), "--n-labeled", "20", "--out", out, "--slurm",
@@ -170,16 +202,22 @@ def grid(cluster, tmp_path_factory, cifar_dir):
     start = time.monotonic()
     job = slurm(env, "sbatch", "--parsable", "--cpus-per-task=1", os.path.join(out, "grid.sbatch")).strip()
     stops = {0: ["scancel", "--batch", "--signal=USR1", f"{job}_0"], 1: ["scontrol", "requeue", f"{job}_1"]}
-    while stops:
-        for task in list(stops):
-            if "step 2/24 " in task_log(out, job, task):
-                # SLURM 22.05 delivers scancel's signal at once, but while tasks of the same array are pending it
-                # answers "Job can not be altered now, try again later" and scancel retries every 5 s: 2 s will do.
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    subprocess.run(stops.pop(task), env=env, capture_output=True, timeout=2)
-        if time.monotonic() - start > TIMEOUT_S:
-            break
+    paused = {}  # task -> its script's pid, stopped at step 2 (both before either signal: they run side by side)
+    while len(paused) < len(stops) and time.monotonic() - start < TIMEOUT_S:
+        for task in stops.keys() - paused.keys():
+            if "step 2/24 " in task_log(out, job, task) and (pid := run_pid(runs[task])) is not None:
+                os.kill(pid, signal.SIGSTOP)
+                paused[task] = pid
         time.sleep(0.05)
+    for task, pid in paused.items():
+        # SLURM 22.05 delivers scancel's signal at once, but while tasks of the same array are pending it
+        # answers "Job can not be altered now, try again later" and scancel retries every 5 s: 2 s will do.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run(stops[task], env=env, capture_output=True, timeout=2)
+        with contextlib.suppress(AssertionError):  # not within 30 s: go on, and the tests below say so
+            wait_for(lambda: signal_waits_or_runs(pid, SIGNALS[task]), 30, "the signal", logs)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
     wait_for(lambda: not slurm(env, "squeue", "-h", "-j", job), TIMEOUT_S - (time.monotonic() - start),
              "the array job to end", logs + [os.path.join(out, f"slurm-{job}_{t}.log") for t in range(len(runs))])
     return runs, out, job, time.monotonic() - start
