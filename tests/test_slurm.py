@@ -33,8 +33,6 @@ ALGORITHMS, SEEDS = ["fixmatch", "supervised"], [0, 1]
 FLAGS = TINY[:TINY.index("--n-labeled")] + TINY[TINY.index("--n-labeled") + 2:] + SCRIPTS["fixmatch"]
 FLAGS[FLAGS.index("--epochs") + 1] = "6"
 TIMEOUT_S = 300
-# The signal that reaches each stopped task's script: SIGUSR1 passed on by the batch shell, SIGTERM from SLURM.
-SIGNALS = {0: signal.SIGUSR1, 1: signal.SIGTERM}
 
 
 def free_port() -> int:
@@ -123,17 +121,22 @@ def cluster(tmp_path_factory):
             os.kill(pid, 9)
 
 
+def pids_where(matches) -> list[int]:
+    """The pids of the processes for which matches(pid) holds; one gone meanwhile (OSError) is skipped."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if matches(pid):
+                found.append(int(pid))
+    return found
+
+
 def stepds_of(root: str) -> list[int]:
     """The slurmstepd processes of this cluster: those working in its folder (slurmd's, where its log is)."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "slurmstepd" and os.readlink(f"/proc/{pid}/cwd").startswith(root):
-                    pids.append(int(pid))
-        except OSError:  # gone meanwhile
-            continue
-    return pids
+    def is_stepd(pid: str) -> bool:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == "slurmstepd" and os.readlink(f"/proc/{pid}/cwd").startswith(root)
+    return pids_where(is_stepd)
 
 
 def node_state(env: dict) -> str:
@@ -153,15 +156,11 @@ def wait_for(condition, timeout_s: float, what: str, logs: list[str]) -> None:
 
 def run_pid(folder: str) -> int | None:
     """The pid of the script that trains into `folder` (its --out), or None while there is none."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
-        except OSError:  # gone meanwhile
-            continue
-        if "python" in os.path.basename(argv[0]) and folder in argv:
-            return int(pid)
-    return None
+    def trains_into_folder(pid: str) -> bool:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+        return "python" in os.path.basename(argv[0]) and folder in argv
+    return next(iter(pids_where(trains_into_folder)), None)
 
 
 def signal_waits_or_runs(pid: int, signum: int) -> bool:
@@ -201,7 +200,10 @@ def grid(cluster, tmp_path_factory, cifar_dir):
     runs = [os.path.join(out, f"{a}_n20_seed{s}") for a in ALGORITHMS for s in SEEDS]  # the array's order
     start = time.monotonic()
     job = slurm(env, "sbatch", "--parsable", "--cpus-per-task=1", os.path.join(out, "grid.sbatch")).strip()
-    stops = {0: ["scancel", "--batch", "--signal=USR1", f"{job}_0"], 1: ["scontrol", "requeue", f"{job}_1"]}
+    # Per task: the command that stops it, and the signal that then reaches its script (SIGUSR1 passed on by the
+    # batch shell, SIGTERM from SLURM).
+    stops = {0: (["scancel", "--batch", "--signal=USR1", f"{job}_0"], signal.SIGUSR1),
+             1: (["scontrol", "requeue", f"{job}_1"], signal.SIGTERM)}
     paused = {}  # task -> its script's pid, stopped at step 2 (both before either signal: they run side by side)
     while len(paused) < len(stops) and time.monotonic() - start < TIMEOUT_S:
         for task in stops.keys() - paused.keys():
@@ -210,12 +212,13 @@ def grid(cluster, tmp_path_factory, cifar_dir):
                 paused[task] = pid
         time.sleep(0.05)
     for task, pid in paused.items():
+        command, signum = stops[task]
         # SLURM 22.05 delivers scancel's signal at once, but while tasks of the same array are pending it
         # answers "Job can not be altered now, try again later" and scancel retries every 5 s: 2 s will do.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(stops[task], env=env, capture_output=True, timeout=2)
+            subprocess.run(command, env=env, capture_output=True, timeout=2)
         with contextlib.suppress(AssertionError):  # not within 30 s: go on, and the tests below say so
-            wait_for(lambda: signal_waits_or_runs(pid, SIGNALS[task]), 30, "the signal", logs)
+            wait_for(lambda: signal_waits_or_runs(pid, signum), 30, "the signal", logs)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
     wait_for(lambda: not slurm(env, "squeue", "-h", "-j", job), TIMEOUT_S - (time.monotonic() - start),
