@@ -1,6 +1,6 @@
 """Run and report a comparison grid: algorithms x number of labels x seeds x any swept flag.
 
-    python compare.py --algorithms fixmatch flexmatch mixmatch remixmatch supervised \\
+    python compare.py --algorithms fixmatch flexmatch freematch softmatch mixmatch remixmatch supervised \\
         --n-labeled 40 250 4000 --seeds 0 1 2 [--sweep batch-size=32,64,128] [-- any other script flags]
 
 Every run is a subprocess of the real script with its own folder under --out, named after its grid point
@@ -8,7 +8,7 @@ Every run is a subprocess of the real script with its own folder under --out, na
 interrupted ones (the scripts resume from their checkpoint). One run per GPU at a time (--gpus 0,1,...;
 --per-gpu N for N at once), or on the CPU when no GPU is visible (--jobs N for N at once, each with its
 share of the cores). A failing run is reported with its log and does not stop the others.
-Flags after `--` go to every script that accepts them (`--mu 3` reaches fixmatch and flexmatch only).
+Flags after `--` go to every script that accepts them (`--mu 3` reaches the four FixMatch-family scripts only).
 
     --dry-run   print the commands and stop
     --slurm     write <out>/grid.sbatch, a SLURM array job with one task per run (same commands, resumable;
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 
-ALGORITHMS = ["supervised", "mixmatch", "remixmatch", "fixmatch", "flexmatch"]
+ALGORITHMS = ["supervised", "mixmatch", "remixmatch", "fixmatch", "flexmatch", "freematch", "softmatch"]
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Arguments that do not change a run's result, or that define the grid's axes (not its rows).
 NOT_A_SETTING = {"algorithm", "out", "overwrite", "log_every", "compile", "cuda_graph", "data_dir", "device", "seed",

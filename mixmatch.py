@@ -479,8 +479,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 # ====================================================================================================
-# Shared plumbing. Every function below is the same, letter for letter, in all five scripts (the supervised
-# baseline lacks pseudo_label_stats); tests/test_skeleton.py holds them so. Edit all five copies alike.
+# Shared plumbing. Everything below is the same, letter for letter, in all seven scripts (the supervised
+# baseline lacks pseudo_label_stats); tests/test_skeleton.py holds them so. Edit fixmatch.py's copy, then run
+# `python tools/sync_plumbing.py` to write it into the other six.
 # ====================================================================================================
 # ----------------------------------------------------------------------------------------------------
 # Evaluation

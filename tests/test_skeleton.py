@@ -5,18 +5,20 @@ import importlib
 import inspect
 import os
 import re
+import shutil
+import sys
 
 import pytest
 
 from test_scripts import ROOT, SCRIPTS
 
-# Functions that must be the same, letter for letter, in all five scripts: the shared plumbing and recipe.
+# Functions that must be the same, letter for letter, in all seven scripts: the shared plumbing and recipe.
 SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_dir", "strict", "write_atomic",
           "write_json", "write_metrics", "read_metrics", "save_checkpoint", "save_model", "format_time",
           "warn_if_slow", "stop_diverged", "stop_interrupted", "main", "summarize", "training_state",
           "restore_training_state", "catch_stop_signals", "interval_state", "stop_preempted", "set_lr", "device_lr",
           "cuda_graph"]
-# The same in the four semi-supervised scripts (the supervised baseline has no pseudo-labels).
+# The same in the six semi-supervised scripts (the supervised baseline has no pseudo-labels).
 SHARED_SSL = ["pseudo_label_stats"]
 SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
                     "PROGRESS_SECONDS"]
@@ -27,7 +29,7 @@ def test_shared_functions_are_identical_in_every_script(function):
     sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in SCRIPTS}
     reference = sources["fixmatch"]
     drifted = [name for name, source in sources.items() if source != reference]
-    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all five copies alike"
+    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: run python tools/sync_plumbing.py"
 
 
 @pytest.mark.parametrize("function", SHARED_SSL)
@@ -35,7 +37,7 @@ def test_shared_ssl_functions_are_identical_in_every_semi_supervised_script(func
     names = [name for name in SCRIPTS if name != "supervised"]
     sources = {name: inspect.getsource(getattr(importlib.import_module(name), function)) for name in names}
     drifted = [name for name, source in sources.items() if source != sources["fixmatch"]]
-    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: edit all four copies alike"
+    assert not drifted, f"{function} differs from fixmatch.py's in {drifted}: run python tools/sync_plumbing.py"
 
 
 def shared_plumbing(name: str) -> str:
@@ -48,13 +50,44 @@ def shared_plumbing(name: str) -> str:
 
 @pytest.mark.parametrize("name", [name for name in SCRIPTS if name != "fixmatch"])
 def test_everything_under_the_shared_banner_is_identical(name):
-    """The banner says the plumbing below it is the same in all five scripts; the supervised baseline's lacks
+    """The banner says the plumbing below it is the same in all seven scripts; the supervised baseline's lacks
     only pseudo_label_stats."""
     reference = shared_plumbing("fixmatch")
     if name == "supervised":
         source = inspect.getsource(importlib.import_module("fixmatch").pseudo_label_stats)
         reference = reference.replace(source + "\n\n", "")
     assert shared_plumbing(name) == reference, f"{name}.py's shared plumbing differs from fixmatch.py's"
+
+
+def test_sync_plumbing_changes_nothing_at_head():
+    """tools/sync_plumbing.py writes fixmatch.py's plumbing into the other scripts: on the committed scripts it
+    has nothing to write."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import sync_plumbing
+
+    assert sorted(sync_plumbing.TARGETS + [sync_plumbing.SOURCE]) == sorted(SCRIPTS)
+    assert sync_plumbing.main(["--check"]) == 0
+
+
+def test_sync_plumbing_writes_an_edit_of_fixmatch_into_every_copy_and_nothing_else(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import sync_plumbing
+
+    for name in SCRIPTS:
+        shutil.copy(os.path.join(ROOT, f"{name}.py"), tmp_path / f"{name}.py")
+    monkeypatch.setattr(sync_plumbing, "REPO", str(tmp_path))
+    edited = (tmp_path / "fixmatch.py").read_text().replace("PROGRESS_SECONDS = 30", "PROGRESS_SECONDS = 31")
+    (tmp_path / "fixmatch.py").write_text(edited)
+    own = {name: (tmp_path / f"{name}.py").read_text().split(sync_plumbing.BANNER)[0] for name in SCRIPTS}
+    assert sync_plumbing.main(["--check"]) == 1
+    assert "differs from fixmatch.py's in: " in capsys.readouterr().out
+    assert all("PROGRESS_SECONDS = 30" in (tmp_path / f"{n}.py").read_text() for n in sync_plumbing.TARGETS)
+    assert sync_plumbing.main([]) == 0 and sync_plumbing.main(["--check"]) == 0
+    for name in SCRIPTS:
+        text = (tmp_path / f"{name}.py").read_text()
+        assert "PROGRESS_SECONDS = 31" in text and text.split(sync_plumbing.BANNER)[0] == own[name]
+    supervised = (tmp_path / "supervised.py").read_text()
+    assert "def pseudo_label_stats" not in supervised and "def summarize" in supervised
 
 
 def test_shared_constants_are_identical_in_every_script():
