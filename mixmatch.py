@@ -23,7 +23,7 @@ Defaults are the paper's CIFAR-10 setting (Sections 3.5 and 4.1, and the referen
 github.com/google-research/mixmatch): B = 64 labeled and 64 unlabeled images, K = 2, T = 0.5,
 alpha = 0.75, lambda_u = 75 ramped up linearly from 0 over the first 16,384 steps (the reference's
 1,024 kimg at B = 64), WRN-28-2, evaluation with an EMA (0.999) of the weights, 2^20 steps.
-The optimiser is, by default, the shared recipe of all four scripts (fixmatch.py: SGD with Nesterov
+The optimiser is, by default, the shared recipe of every script (fixmatch.py: SGD with Nesterov
 momentum 0.9, lr 0.03 with cosine decay, weight decay 5e-4 not on BatchNorm and biases), so that the
 algorithms are compared under one recipe. `--optimizer adam` is the MixMatch paper's own: Adam with a
 constant lr 0.002 and weight decay applied to the weights after every step, w <- w (1 - 0.02 lr)

@@ -27,7 +27,7 @@ github.com/google-research/remixmatch, remixmatch_no_cta.py and cta/cta_remixmat
 64 unlabeled images, K = 8 strong views, T = 0.5, alpha = 0.75, lambda_u = 1.5, lambda_u1 = 0.5,
 lambda_rot = 0.5; lambda_u and lambda_u1 (not lambda_rot, not L_x) ramp up linearly from 0 over the first
 16,384 steps (the reference's warmup_kimg = 1,024 at B = 64); WRN-28-2, EMA 0.999, 2^20 steps. The
-optimiser is, by default, the shared recipe of all four scripts (fixmatch.py: SGD with Nesterov momentum
+optimiser is, by default, the shared recipe of every script (fixmatch.py: SGD with Nesterov momentum
 0.9, lr 0.03 with cosine decay, weight decay 5e-4 not on BatchNorm and biases), so that the algorithms are
 compared under one recipe. `--optimizer adam` is the paper's own (the reference's, the same as MixMatch's):
 Adam with a constant lr 0.002 and weight decay applied to the weights after every step, w <- w (1 - 0.02 lr).

@@ -69,8 +69,8 @@ import peers_harness  # noqa: E402
 import step_throughput  # noqa: E402
 from step_throughput import write_synthetic_cifar  # noqa: E402
 
-SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
-GRAPH_SCRIPTS = ["fixmatch", "flexmatch", "supervised"]  # the scripts with --cuda-graph (issue 22)
+SCRIPTS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch", "freematch", "softmatch"]
+GRAPH_SCRIPTS = ["fixmatch", "flexmatch", "supervised", "freematch", "softmatch"]  # those with --cuda-graph
 # The real run's reference setting (issue 23): FixMatch, WRN-28-2, 1024 labels, B = 64, mu = 7, 16 x 1024 steps (the
 # cosine schedule spans these 16,384 steps), an evaluation every 1024; --quick runs the same shape scaled down.
 REFERENCE = {"n_labeled": 1024, "batch": 64, "epochs": 16, "steps_per_epoch": 1024}
@@ -83,7 +83,8 @@ def sizes(quick: bool) -> dict:
         # B = 8 and mu = 1: FixMatch's forward pass holds 24 images, as in tests/test_amp_compile.py, so the
         # rehearsal test reuses that test's compiled graphs from inductor's on-disk cache.
         return {"net": ["--depth", "10", "--widen-factor", "1"], "batch": 8, "steps": 3, "n_train": 2000,
-                "extra": {"fixmatch": ["--mu", "1"], "flexmatch": ["--mu", "1"], "remixmatch": ["--k-strong", "2"]},
+                "extra": {"fixmatch": ["--mu", "1"], "flexmatch": ["--mu", "1"], "remixmatch": ["--k-strong", "2"],
+                          "freematch": ["--mu", "1"], "softmatch": ["--mu", "1"]},
                 "aug_batch": 64, "real": REFERENCE_QUICK, "compile_default": ["fixmatch"], "n_test": 200,
                 "peers": {"runs": [["kekmodel", 2], ["usb", 1]], "warmup": 2, "steps": 3, "max_s": 20.0,
                           "timeout_s": 120.0, "n_labeled": 250}}
@@ -950,7 +951,8 @@ def part_speed(args: argparse.Namespace, device: torch.device, s: dict, compile_
     compiled graphs also serve FlexMatch (same shapes: inductor's cache) and the real run."""
     if "speed" not in args.parts:
         return {"skipped": "not asked for (--parts)"}
-    order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch"] if n in args.scripts]
+    order = [n for n in ["fixmatch", "flexmatch", "supervised", "mixmatch", "remixmatch", "freematch", "softmatch"]
+             if n in args.scripts]
     rows, compile_s = [], 30.0 if args.quick else 60.0  # compile_s: the last compiled run's time
     # Each script eager, and with --cuda-graph beside it where it has one (CUDA only), then the compiled runs.
     graphs = GRAPH_SCRIPTS if device.type == "cuda" else []

@@ -24,6 +24,6 @@ fi
 # only guards the device's 600 s limit; the reports are rewritten after every part. GPU_CHECK_EXTRA: flags that
 # win (the CPU rehearsal: "--device cpu --quick --budget-s 600 --real-run-s 120").
 timeout -k 5 $((580 - SECONDS + start)) python3 benchmarks/gpu_check.py --out "$OUT/gpu" --data-dir "$DATA" \
-    --budget-s 540 --real-run-s 410 --scripts fixmatch flexmatch supervised mixmatch remixmatch \
+    --budget-s 540 --real-run-s 410 --scripts fixmatch flexmatch supervised mixmatch remixmatch freematch softmatch \
     --compile-scripts ${GPU_CHECK_EXTRA:-}
 echo "gpu_check exit status $?; $((SECONDS - start)) s in all"

@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"]
+ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "mixmatch", "remixmatch"]
 
 
 def write_synthetic_cifar(root: str, n_train: int = 50000, n_test: int = 1000) -> None:

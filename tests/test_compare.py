@@ -334,6 +334,13 @@ def test_label_sweep_tool_tables_from_csv_rows(tmp_path):
     assert "| supervised | 21.00 ± 1.41 (2): 20.00, 22.00 |" in text
     assert "| fixmatch | +2.00 ± 1.41 (2; above on 2/2) |" in text  # (+1, +3) against supervised
     assert "| flexmatch | +0.50 ± 2.12 (2; above on 1/2) |" in text  # (+2, -1) against FixMatch
+    assert "Difference from flexmatch" not in text  # FlexMatch's own table only once a successor has rows
+    softmatch = [row("softmatch", 0, "0.26"), row("softmatch", 1, "0.26")]
+    _, _, against_fixmatch, against_flexmatch = label_sweep.markdown(label_sweep.as_runs(rows + softmatch)).split(
+        "## Difference from ")
+    assert "| softmatch | +3.00 ± 2.83 (2; above on 2/2) |" in against_fixmatch  # (+5, +1)
+    assert "| softmatch | +2.50 ± 0.71 (2; above on 2/2) |" in against_flexmatch  # (+3, +2)
+    assert "| fixmatch |" not in against_flexmatch
     label_sweep.compare.plot_accuracy_vs_labels(label_sweep.as_runs(rows), str(tmp_path / "a.png"),
                                                 panels=(("final_top1", "final"),))
     assert (tmp_path / "a.png").stat().st_size > 0

@@ -476,7 +476,7 @@ def _check_finished_run(out: str, num_classes: int, classes: list[str], n_labele
 
 @pytest.mark.parametrize("name", list(SCRIPTS))
 def test_scripts_run_on_an_image_folder_at_another_size(name, folder_dir, tmp_path, capsys):
-    """All five on 3 unbalanced classes at 24x24, with extra unlabeled images (label -1) in the unlabeled set;
+    """All seven on 3 unbalanced classes at 24x24, with extra unlabeled images (label -1) in the unlabeled set;
     --n-labeled all takes the 12 train/ images (an unbalanced split) for two of them."""
     n_labeled = "all" if name in ("supervised", "remixmatch") else "6"
     out = str(tmp_path / "run")

@@ -33,7 +33,8 @@ def test_gpu_check_rehearsal_on_cpu(cifar_dir, tmp_path):
     assert [c["ok"] for c in parts["captured"]["checks"]] == [True]  # fixed shapes: bit-identical to the script's
     assert len(parts["devices"]["checks"]) >= 7 and parts["devices"]["augmentation_ops"]["strong_augment"]["aten_ops"]
     speed = {(r["script"], r["compile"]): r for r in parts["speed"]["rows"]}
-    assert {name for name, _ in speed} == {"supervised", "fixmatch", "flexmatch", "mixmatch", "remixmatch"}
+    assert {name for name, _ in speed} == set(gpu_check.SCRIPTS)
+    assert len(gpu_check.SCRIPTS) == 7
     assert all(r["img_per_s"] > 0 and r["model_only_img_per_s"] > 0 for r in speed.values())
     compiled = speed[("fixmatch", True)]
     assert compiled["graphs_first_step"] >= 1 and compiled["recompilations_after_first_step"] == 0

@@ -65,8 +65,11 @@ def markdown(runs: list[dict]) -> str:
                          if by_seed else "")
         lines.append(f"| {label} | " + " | ".join(texts) + " |")
     lines += ["", *compare.paired_differences(groups, "supervised")]
-    threshold_methods = {k: v for k, v in groups.items() if k in ("fixmatch", "flexmatch")}
-    lines += compare.paired_differences(threshold_methods, "fixmatch")
+    # The FixMatch family against FixMatch, and its three successors against FlexMatch (issue 34).
+    family = {k: v for k, v in groups.items() if k in ("fixmatch", "flexmatch", "freematch", "softmatch")}
+    lines += compare.paired_differences(family, "fixmatch")
+    if "flexmatch" in family and len(family) > 2:
+        lines += compare.paired_differences({k: v for k, v in family.items() if k != "fixmatch"}, "flexmatch")
     return "\n".join(lines)
 
 
