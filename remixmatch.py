@@ -39,12 +39,13 @@ What differs from the paper:
   labeled batches' labels, which converges to the same distribution.
 - The rotations are assigned by position (0, 90, 180, 270 degrees in turn), as the reference does, not
   drawn at random: the unlabeled batch is in random order, so each image still gets a random rotation.
-- The labeled images are weakly augmented by default (--labeled-aug weak), as in every RandAugment-based
-  implementation (google-research/fixmatch's remixmatch_no_cta.py, TorchSSL, USB). The paper's Algorithm 1
-  augments them strongly, but with CTAugment, whose magnitudes are tuned on labeled probes so that labeled
-  images stay recognisable; RandAugment at random magnitudes with Cutout has no such feedback, and with it
-  the labeled loss stays high and most of the pass that sets BatchNorm's statistics is strongly augmented.
-  --labeled-aug strong is Algorithm 1 with RandAugment (the README's ablation compares the two).
+- The labeled images are weakly augmented by default (--labeled-aug weak), as in the PyTorch RandAugment-based
+  implementations (TorchSSL, USB; remixmatch_no_cta.py is no precedent: its --augment d.d.d has no strong
+  views at all). The paper's Algorithm 1 augments them strongly, but with CTAugment, whose magnitudes are
+  tuned on labeled probes so that labeled images stay recognisable; RandAugment at random magnitudes with
+  Cutout has no such feedback, and with it the labeled loss stays high and most of the pass that sets
+  BatchNorm's statistics is strongly augmented. --labeled-aug strong is Algorithm 1 with RandAugment (the
+  README's ablation compares the two).
 As in the reference, the weak view of every unlabeled image joins the K strong views in U^
 (remixmatch_no_cta.py mixes all K + 1 views).
 
