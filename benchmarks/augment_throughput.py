@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # common.py lives in the repository root, one level up
@@ -47,6 +47,42 @@ def pil_op(im: Image.Image, name: str, v: float) -> Image.Image:
     matrix = {"ShearX": (1, v, 0, 0, 1, 0), "ShearY": (1, 0, 0, v, 1, 0),
               "TranslateX": (1, 0, v * w, 0, 1, 0), "TranslateY": (1, 0, 0, 0, 1, v * h)}[name]
     return im.transform(im.size, Image.AFFINE, matrix)
+
+
+def pil_cta_op(im: Image.Image, name: str, level: float, level2: float = 0.0,
+               where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """One CTAugment op as google-research/fixmatch's libml/ctaugment.py applies it with Pillow, at levels in
+    [0, 1] (level2: rescale's method); Cutout's centre is (row, column) = int(where * size) instead of the
+    reference's np.random draw inside the op."""
+    def mix(other: Image.Image) -> Image.Image:  # the reference's _imageop and _filter
+        return Image.blend(im, other, level)
+
+    if name in ("autocontrast", "equalize", "invert"):
+        return mix(getattr(ImageOps, name)(im))
+    if name in ("blur", "smooth"):
+        return mix(im.filter(ImageFilter.BLUR if name == "blur" else ImageFilter.SMOOTH))
+    if name in ("brightness", "color", "contrast", "sharpness"):  # the reference's _enhance
+        return getattr(ImageEnhance, name.capitalize())(im).enhance(0.1 + 1.9 * level)
+    if name == "cutout":
+        size, a = 1 + int(level * min(im.size) * 0.499), np.array(im)
+        cy, cx = int(where[0] * im.size[1]), int(where[1] * im.size[0])
+        a[max(cy - size // 2, 0):cy + size // 2, max(cx - size // 2, 0):cx + size // 2] = 127
+        return Image.fromarray(a)
+    if name == "posterize":
+        return ImageOps.posterize(im, 1 + int(level * 7.999))
+    if name == "solarize":
+        return ImageOps.solarize(im, int(level * 255.999))
+    if name == "rescale":
+        w, h = im.size
+        s = level * 0.25
+        methods = [getattr(Image.Resampling, m.upper()) for m in common.RESCALE_METHODS]
+        return im.crop((s * w, s * h, w * (1 - s), h * (1 - s))).resize(im.size, methods[int(level2 * 5.99)])
+    if name == "rotate":
+        return im.rotate(int(np.round((2 * level - 1) * 45)))
+    v = (2 * level - 1) * 0.3
+    matrix = {"shear_x": (1, v, 0, 0, 1, 0), "shear_y": (1, 0, 0, v, 1, 0), "translate_x": (1, 0, v, 0, 1, 0),
+              "translate_y": (1, 0, 0, 0, 1, v)}.get(name)
+    return im if matrix is None else im.transform(im.size, Image.AFFINE, matrix)  # identity: unchanged
 
 
 WEAK_PIL = T.Compose([T.RandomHorizontalFlip(), T.RandomCrop(32, padding=4, padding_mode="reflect")])
