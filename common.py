@@ -17,10 +17,11 @@ own and imports only these building blocks.
   affine warp (Rotate, ShearX/Y, TranslateX/Y). Each op reproduces Pillow's result for the same image and
   magnitude. What follows from the random draws alone is computed on the host; the device runs a bounded
   number of operations per batch.
-  The RandAugment variant: both ops are always applied, as in TorchSSL and USB, each with a magnitude drawn
-  uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
-  AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
-  a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
+  The RandAugment variant: both ops are always applied, each with a magnitude drawn uniformly from the FixMatch
+  paper's range (Table 12). google-research/fixmatch (libml/augment.py, AugmentPoolRAM) and
+  kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about a quarter of their
+  images get no op at all; TorchSSL and USB apply 3 ops, always, and a Cutout of random size (docs/data.md).
+  `cta_policy`, `cta_augment` and `cta_update` are CTAugment (ReMixMatch's), whose magnitudes are learned.
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters). `model(x, bn_groups)`
   normalises consecutive groups of a batch with their own BatchNorm statistics (`ghost_batch_norm`), so that
   one pass computes what a pass per group would (MixMatch's and ReMixMatch's interleaved batches). `load_model`
@@ -912,7 +913,8 @@ def apply_weak(x: torch.Tensor, plan: list[torch.Tensor], views: int | None = No
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment with random magnitudes: n_ops ops per image, each drawn uniformly from the 14-op pool
     (with replacement, independently for every image) with a value drawn uniformly from its range. Every
-    drawn op is applied (TorchSSL, USB), not with probability 0.5 as in google-research/fixmatch."""
+    drawn op is applied (as TorchSSL and USB apply each of their 3), not with probability 0.5 as in
+    google-research/fixmatch."""
     b, _, h, w = x.shape
     rounds, arrays = _plan_randaugment(_draw_ops(generator, b, n_ops), b, h, w)
     return _run_randaugment(x, rounds, _send(arrays, x.device))
