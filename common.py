@@ -17,10 +17,11 @@ own and imports only these building blocks.
   affine warp (Rotate, ShearX/Y, TranslateX/Y). Each op reproduces Pillow's result for the same image and
   magnitude. What follows from the random draws alone is computed on the host; the device runs a bounded
   number of operations per batch.
-  The RandAugment variant: both ops are always applied, as in TorchSSL and USB, each with a magnitude drawn
-  uniformly from the FixMatch paper's range (Table 12). google-research/fixmatch (libml/augment.py,
-  AugmentPoolRAM) and kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about
-  a quarter of their images get no op at all: this project's strong augmentation is harsher than theirs.
+  The RandAugment variant: both ops are always applied, each with a magnitude drawn uniformly from the FixMatch
+  paper's range (Table 12). google-research/fixmatch (libml/augment.py, AugmentPoolRAM) and
+  kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about a quarter of their
+  images get no op at all; TorchSSL and USB apply 3 ops, always, and a Cutout of random size (docs/data.md).
+  `cta_policy`, `cta_augment` and `cta_update` are CTAugment (ReMixMatch's), whose magnitudes are learned.
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters). `model(x, bn_groups)`
   normalises consecutive groups of a batch with their own BatchNorm statistics (`ghost_batch_norm`), so that
   one pass computes what a pass per group would (MixMatch's and ReMixMatch's interleaved batches). `load_model`
@@ -912,7 +913,8 @@ def apply_weak(x: torch.Tensor, plan: list[torch.Tensor], views: int | None = No
 def randaugment(x: torch.Tensor, generator: torch.Generator, n_ops: int = 2) -> torch.Tensor:
     """RandAugment with random magnitudes: n_ops ops per image, each drawn uniformly from the 14-op pool
     (with replacement, independently for every image) with a value drawn uniformly from its range. Every
-    drawn op is applied (TorchSSL, USB), not with probability 0.5 as in google-research/fixmatch."""
+    drawn op is applied (as TorchSSL and USB apply each of their 3), not with probability 0.5 as in
+    google-research/fixmatch."""
     b, _, h, w = x.shape
     rounds, arrays = _plan_randaugment(_draw_ops(generator, b, n_ops), b, h, w)
     return _run_randaugment(x, rounds, _send(arrays, x.device))
@@ -957,6 +959,374 @@ def apply_strong(x: torch.Tensor, plan: list[torch.Tensor], cutout_size: int | N
     for r in range(2, len(plan) - 1, 4):  # the rounds of RandAugment, 4 arrays each
         x = _run_ops_fixed(x, *plan[r:r + 4])
     return _cutout_views(x, plan[-1], cutout_size, views)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CTAugment (ReMixMatch, arXiv 1911.09785, Sec. 3.2.2; google-research/fixmatch libml/ctaugment.py)
+#
+# Control Theory Augment: 19 ops, each with 0 to 2 parameters in [0, 1], each parameter's range cut into
+# bins that carry a learned rate (1 at the start). A policy is `depth` ops per image, each op drawn
+# uniformly; a parameter's bin is drawn in proportion to its rate turned into a probability (rate_to_p: rates
+# whose share is below the threshold are never drawn), its level uniformly inside the bin. Probe policies,
+# for labeled images, draw uniform levels; how well the model still classifies a probe image moves the rates
+# of the bins its policy used (cta_update). The reference (libml/ctaugment.py, libml/augment.py
+# AugmentPoolCTA) applies the ops image by image with Pillow in worker processes; here the draws are made on
+# the host from a CPU generator (as RandAugment's), and the ops run batched on the device, grouped by kind as
+# RandAugment's are (_run_ops): one lookup, one blend, one warp, one resampling, one Cutout per round.
+# Every op reproduces the reference's Pillow result bit for bit (tests/test_ctaugment.py), rescale's six
+# resampling filters included (Pillow's fixed-point arithmetic, Resample.c, redone with integer-valued
+# float64 matrix products, which are exact).
+# ----------------------------------------------------------------------------------------------------
+# name -> (kind, bins per parameter), in the reference's registration order (its OPS dict, which
+# `random.choice(list(OPS))` draws from); the bins are its @register(...) arguments. Kinds: "table" (a lookup
+# table from the level alone), "pixel_table" (a lookup table from the image, blended with the identity),
+# "blend" (with a degenerate or filtered image), "warp" (affine, NEAREST), "resample" (crop and resize),
+# "cutout". The order of the names is the order of the draws: do not reorder.
+CTA_OPS = {
+    "autocontrast": ("pixel_table", (17,)),  # Image.blend(x, ImageOps.autocontrast(x), level)
+    "blur": ("blend", (17,)),                # Image.blend(x, x.filter(ImageFilter.BLUR), level)
+    "brightness": ("table", (17,)),          # ImageEnhance.Brightness(x).enhance(0.1 + 1.9 level)
+    "color": ("blend", (17,)),               # ImageEnhance.Color, the same factor
+    "contrast": ("blend", (17,)),            # ImageEnhance.Contrast, the same factor
+    "cutout": ("cutout", (17,)),             # a gray square of side 2 ((1 + int(level * 32 * 0.499)) // 2)
+    "equalize": ("pixel_table", (17,)),      # Image.blend(x, ImageOps.equalize(x), level)
+    "invert": ("table", (17,)),              # Image.blend(x, ImageOps.invert(x), level)
+    "identity": ("table", ()),               # no parameter, so no rate either
+    "posterize": ("table", (8,)),            # ImageOps.posterize(x, 1 + int(level * 7.999))
+    "rescale": ("resample", (17, 6)),        # crop 0..25% per side, resize back with one of 6 filters
+    "rotate": ("warp", (17,)),               # x.rotate(int(np.round((2 level - 1) * 45))) degrees
+    "sharpness": ("blend", (17,)),           # ImageEnhance.Sharpness(x).enhance(0.1 + 1.9 level)
+    "shear_x": ("warp", (17,)),              # affine (1, (2 level - 1) * 0.3, 0, 0, 1, 0)
+    "shear_y": ("warp", (17,)),              # affine (1, 0, 0, (2 level - 1) * 0.3, 1, 0)
+    "smooth": ("blend", (17,)),              # Image.blend(x, x.filter(ImageFilter.SMOOTH), level)
+    "solarize": ("table", (17,)),            # ImageOps.solarize(x, int(level * 255.999))
+    "translate_x": ("warp", (17,)),          # affine (1, 0, (2 level - 1) * 0.3, 0, 1, 0): pixels, not a
+    "translate_y": ("warp", (17,)),          # fraction of the size as in the paper's table (docs/data.md)
+}
+CTA_NAMES = list(CTA_OPS)
+CTA_DEPTH = 2         # ops per policy (CTAugment(depth=2); cta/lib/train.py flag adepth)
+CTA_THRESHOLD = 0.80  # cta/lib/train.py's flag ath, which the training scripts pass (the class default is 0.85)
+CTA_DECAY = 0.99      # CTAugment(decay=0.99); cta/lib/train.py flag adecay
+# Pillow's filters in the order rescale picks them: methods[int(method * 5.99)] with (ANTIALIAS, BICUBIC,
+# BILINEAR, BOX, HAMMING, NEAREST); ANTIALIAS is LANCZOS (the name was removed in Pillow 10).
+RESCALE_METHODS = ["lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"]
+
+# The rates of all parameters, one flat vector: parameter k (over the ops in order, then their parameters)
+# owns _CTA_BINS[k] entries from _CTA_START[k]. _CTA_PARAM[op, j] is op's j-th parameter (-1: none).
+_CTA_BINS = np.array([n for name in CTA_NAMES for n in CTA_OPS[name][1]])
+_CTA_START = np.concatenate([[0], np.cumsum(_CTA_BINS)[:-1]])
+_CTA_PARAM = np.full((len(CTA_NAMES), 2), -1)
+for _i, _k in enumerate(np.cumsum([0] + [len(CTA_OPS[name][1]) for name in CTA_NAMES])[:-1]):
+    _CTA_PARAM[_i, :len(CTA_OPS[CTA_NAMES[_i]][1])] = _k + np.arange(len(CTA_OPS[CTA_NAMES[_i]][1]))
+_CTA_SEGMENT = np.repeat(np.arange(len(_CTA_BINS)), _CTA_BINS)  # flat rate -> its parameter
+# Each parameter's bins padded to 17 columns; the padding reads the entry after the last rate (a zero).
+_CTA_PADDED = np.where(np.arange(17) < _CTA_BINS[:, None], _CTA_START[:, None] + np.arange(17), _CTA_BINS.sum())
+_CTA_GROUPED = ["identity", "brightness", "invert", "posterize", "solarize", "autocontrast", "equalize",
+                "color", "contrast", "sharpness", "smooth", "blur", "rotate", "shear_x", "shear_y",
+                "translate_x", "translate_y", "rescale", "cutout"]  # one block per kind, as _GROUPED
+_CTA_RANK = np.array([_CTA_GROUPED.index(name) for name in CTA_NAMES])
+
+
+def cta_rates(device: str | torch.device = "cpu") -> torch.Tensor:
+    """CTAugment's initial rates: 1 for every bin of every parameter (CTAugment.__init__), one flat float64
+    vector [303] (cta_rates_of names the pieces). A plain tensor, so a checkpoint holds it as it is."""
+    return torch.ones(int(_CTA_BINS.sum()), dtype=torch.float64, device=device)
+
+
+def cta_rates_of(rates: torch.Tensor, name: str) -> list[torch.Tensor]:
+    """The rates of op `name`'s parameters, views into the flat vector (the reference's rates[name])."""
+    return [rates[_CTA_START[k]:_CTA_START[k] + _CTA_BINS[k]] for k in _CTA_PARAM[CTA_NAMES.index(name)] if k >= 0]
+
+
+def rate_to_p(rates: np.ndarray, threshold: float = CTA_THRESHOLD, decay: float = CTA_DECAY) -> np.ndarray:
+    """CTAugment.rate_to_p on every parameter at once: p = rate + (1 - decay), divided by the largest p of
+    its parameter, and 0 where that share is below the threshold (so that such bins are never drawn)."""
+    p = rates + (1 - decay)  # 1 - decay: never all zero
+    p = p / np.maximum.reduceat(p, _CTA_START)[_CTA_SEGMENT]
+    return np.where(p < threshold, 0.0, p)
+
+
+def cta_policy(rates: torch.Tensor, generator: torch.Generator, batch_size: int, probe: bool = False,
+               depth: int = CTA_DEPTH, threshold: float = CTA_THRESHOLD,
+               decay: float = CTA_DECAY) -> dict[str, np.ndarray]:
+    """CTAugment.policy(probe) for every image of a batch, drawn from the CPU generator: per round (depth) and
+    image, "op" (an index into CTA_NAMES, uniform), "level" [depth, B, 2] (its parameters' levels in [0, 1);
+    an op with fewer parameters ignores the rest) and "where" [depth, B, 2] (uniforms: where a Cutout goes,
+    drawn by the reference inside `cutout`).
+
+    A training policy draws each parameter's bin i with probability p_i / sum(p), p = rate_to_p(rates), by
+    inverse CDF as np.random.choice does, then level = (i + u) / bins, u uniform; a probe policy draws level = u.
+    Reading `rates` copies them to the host: pass a host copy (made without blocking after the last
+    cta_update) to keep a CUDA step free of syncs; the reference's policies lag its rates by its queue anyway.
+    """
+    op = torch.randint(0, len(CTA_NAMES), (depth, batch_size), generator=generator).numpy()
+    u = torch.rand(depth, batch_size, 2, generator=generator, dtype=torch.float64).numpy()
+    where = torch.rand(depth, batch_size, 2, generator=generator, dtype=torch.float64).numpy()
+    if probe:
+        return {"op": op, "level": u, "where": where}
+    pick = torch.rand(depth, batch_size, 2, generator=generator, dtype=torch.float64).numpy()
+    p = np.append(rate_to_p(rates.detach().cpu().numpy().astype(np.float64), threshold, decay), 0.0)[_CTA_PADDED]
+    cdf = np.cumsum(p, 1)
+    cdf = cdf / cdf[:, -1:]  # ends at exactly 1, so a uniform in [0, 1) always lands on a bin
+    param = np.maximum(_CTA_PARAM[op], 0)  # a missing parameter reads parameter 0: drawn, never used
+    bin_ = (pick[..., None] >= cdf[param]).sum(-1)  # searchsorted(side="right"): skips bins of probability 0
+    return {"op": op, "level": (bin_ + u) / _CTA_BINS[param], "where": where}
+
+
+def cta_bins(policy: dict[str, np.ndarray]) -> np.ndarray:
+    """The bins a policy's levels fall in, as CTAugment.update_rates computes them (int(level * bins * 0.999),
+    so a level at the very start of a bin counts in the bin below): flat rate indices [B, depth * 2], the
+    images in order and within one its rounds, then parameters in order; len(rates) where there is no parameter."""
+    param = _CTA_PARAM[policy["op"]]  # [depth, B, 2]
+    n = _CTA_BINS[np.maximum(param, 0)]
+    flat = _CTA_START[np.maximum(param, 0)] + (policy["level"] * n * 0.999).astype(np.int64)
+    return np.where(param >= 0, flat, _CTA_BINS.sum()).transpose(1, 0, 2).reshape(len(param[0]), -1)
+
+
+def proximity(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """How well the model still classifies each probe image: 1 - ||p - onehot(y)||_1 / 2 (cta/lib/train.py,
+    train_step), [B] float64; 1 for a confident right answer, 0 for a confident wrong one."""
+    p = probs.double()
+    onehot = torch.zeros_like(p).scatter_(1, labels.view(-1, 1), 1.0)  # not F.one_hot: on CUDA it syncs
+    return 1 - 0.5 * (p - onehot).abs().sum(1)
+
+
+def cta_update(rates: torch.Tensor, policy: dict[str, np.ndarray], probs: torch.Tensor, labels: torch.Tensor,
+               decay: float = CTA_DECAY) -> torch.Tensor:
+    """CTAugment.update_rates for a batch of probe images: the new rates, on rates' device, without a sync.
+
+    The reference moves, image after image and within an image op after op, every bin the probe policy used:
+    rate <- decay * rate + (1 - decay) * proximity. A bin hit k times in the batch, by proximities e_1..e_k in
+    that order, ends at decay^k * rate + (1 - decay) * sum_j decay^(k - j) * e_j: each hit is scaled by decay
+    to the power of the hits on its bin after it (counted over all pairs of hits, as the batch is small) and
+    scattered onto its bin, after the rates are scaled by decay^k.
+    """
+    hits = _to_device(torch.from_numpy(cta_bins(policy)), rates.device)  # [B, depth * 2]
+    e = proximity(probs, labels).to(rates.device).view(-1, 1).expand_as(hits).reshape(-1)
+    g = hits.reshape(-1)  # the reference's order of the updates
+    after = torch.ones(len(g), len(g), dtype=torch.bool, device=g.device).triu(1)  # [t, t']: t' comes later
+    later = ((g.view(-1, 1) == g.view(1, -1)) & after).sum(1)
+    padded = torch.cat([rates.double(), rates.new_zeros(1, dtype=torch.float64)])  # the last entry: no parameter
+    count = torch.zeros_like(padded).scatter_add_(0, g, torch.ones_like(e))
+    step = (1 - decay) * torch.pow(decay, later.double()) * e
+    return (padded * torch.pow(decay, count)).scatter_add_(0, g, step)[:-1].to(rates.dtype)
+
+
+# The ops' host parts: what follows from the levels alone (reference: libml/ctaugment.py, the op of that name).
+def _enhance_factor(level: np.ndarray) -> np.ndarray:
+    return 0.1 + 1.9 * level  # _enhance: 0.1 .. 2.0, 1 at level 0.47
+
+
+def blend_table(table: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """Image.blend(x, f(x), level) for an f that is a lookup table [n, 256]: in float32 as Pillow, truncated."""
+    ramp, t = _RAMP.astype(np.float32), table.astype(np.float32)
+    return np.floor(np.clip(ramp + level.astype(np.float32)[:, None] * (t - ramp), 0, 255))
+
+
+def _cta_table(name: str, level: np.ndarray) -> np.ndarray:
+    if name == "brightness":
+        return brightness_table(_enhance_factor(level))
+    if name == "invert":
+        return blend_table(np.broadcast_to(255 - _RAMP, (len(level), 256)), level)
+    if name == "posterize":
+        return posterize_table(1 + np.floor(level * 7.999))
+    if name == "solarize":
+        return solarize_table(np.floor(level * 255.999))
+    return identity_table(level)
+
+
+def _cta_matrix(name: str, level: np.ndarray, h: int, w: int) -> np.ndarray:
+    if name == "rotate":  # whole degrees, np.round: half to even as the reference's
+        return rotate_matrix(np.round((2 * level - 1) * 45), h, w)
+    v = (2 * level - 1) * 0.3
+    if name == "shear_x":
+        return shear_x_matrix(v, h, w)
+    if name == "shear_y":
+        return shear_y_matrix(v, h, w)
+    # The reference's translate puts v in the matrix's offset, in pixels: at most 0.3 px, which NEAREST
+    # sampling rounds away (floor(j + 0.5 + v) = j): the reference's translate_x/y leave the image unchanged.
+    return _affine(len(v), c=v) if name == "translate_x" else _affine(len(v), f=v)
+
+
+def _pillow_filter(method: str, x: float) -> float:
+    """Pillow's resampling filters (src/libImaging/Resample.c), in double precision as there."""
+    if method == "box":
+        return 1.0 if -0.5 < x <= 0.5 else 0.0
+    if method == "lanczos":  # sinc(x) * sinc(x / 3), truncated at 3
+        return _sinc(x) * _sinc(x / 3) if -3.0 <= x < 3.0 else 0.0
+    x = abs(x)
+    if method == "bilinear":
+        return 1.0 - x if x < 1.0 else 0.0
+    if method == "hamming":  # the constants are C floats there (0.54f, 0.46f)
+        if x == 0.0 or x >= 1.0:
+            return float(x == 0.0)
+        return math.sin(x * math.pi) / (x * math.pi) * (_HAMMING[0] + _HAMMING[1] * math.cos(x * math.pi))
+    if x < 1.0:  # bicubic, a = -0.5
+        return (1.5 * x - 2.5) * x * x + 1
+    return (((x - 5) * x + 8) * x - 4) * -0.5 if x < 2.0 else 0.0
+
+
+def _sinc(x: float) -> float:
+    return 1.0 if x == 0.0 else math.sin(x * math.pi) / (x * math.pi)
+
+
+_HAMMING = (float(np.float32(0.54)), float(np.float32(0.46)))
+_SUPPORT = {"box": 0.5, "bilinear": 1.0, "hamming": 1.0, "bicubic": 2.0, "lanczos": 3.0}
+
+
+@functools.cache
+def resample_matrix(size: int, lo: int, hi: int, method: str) -> np.ndarray:
+    """Pillow's resize of pixels lo..hi-1 of a row of `size` back to `size` pixels, as a matrix [size, size] of
+    the integer coefficients Pillow uses (2^22 fixed point): output j = clip((sum_i K[j, i] * in_i + 2^21) >> 22).
+
+    Resample.c: precompute_coeffs (filter support scaled by the zoom, centre in0 + (j + 0.5) * scale, weights
+    normalised to sum 1) and normalize_coeffs_8bpc (rounded half away from zero). NEAREST is no filter in
+    Pillow but an affine transform (ImagingScaleAffine): input floor((j + 0.5) * scale), coefficient 2^22.
+    The same size, lo = 0 and hi = size is Pillow's copy: the identity.
+    """
+    k, scale = np.zeros((size, size)), (hi - lo) / size
+    if method == "nearest" or (lo, hi) == (0, size):
+        k[np.arange(size), lo + np.floor((np.arange(size) + 0.5) * scale).astype(np.int64)] = 1.0
+        return k * 2.0 ** 22
+    support = _SUPPORT[method] * max(scale, 1.0)
+    for j in range(size):
+        centre = (j + 0.5) * scale  # of the cropped row; its pixel i is the row's lo + i
+        first, last = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), hi - lo)
+        ss = 1.0 / max(scale, 1.0)
+        weights = [_pillow_filter(method, (i - centre + 0.5) * ss) for i in range(first, last)]
+        total = sum(weights)
+        for i, wt in zip(range(first, last), weights):
+            wt = wt / total if total != 0.0 else wt
+            k[j, lo + i] = math.trunc(wt * 2.0 ** 22 + (0.5 if wt >= 0 else -0.5))
+    return k
+
+
+def _rescale_matrices(level: np.ndarray, h: int, w: int) -> list[np.ndarray]:
+    """rescale's crop box (scale * W, scale * H, W * (1 - scale), H * (1 - scale)), scale = level / 4, rounded
+    half to even as Image.crop rounds it, and its filter: the resize matrices [n, W, W] and [n, H, H]."""
+    if not len(level):
+        return [np.empty((0, w, w)), np.empty((0, h, h))]
+    scale, method = level[:, 0] * 0.25, (level[:, 1] * 5.99).astype(np.int64)
+    box = np.round(np.stack([scale * w, scale * h, w * (1 - scale), h * (1 - scale)], 1)).astype(np.int64)
+    kx = [resample_matrix(w, int(b[0]), int(b[2]), RESCALE_METHODS[m]) for b, m in zip(box, method)]
+    ky = [resample_matrix(h, int(b[1]), int(b[3]), RESCALE_METHODS[m]) for b, m in zip(box, method)]
+    return [np.stack(kx).reshape(-1, w, w), np.stack(ky).reshape(-1, h, h)]
+
+
+def _plan_cta_round(op: np.ndarray, level: np.ndarray, where: np.ndarray, h: int,
+                    w: int) -> tuple[np.ndarray, dict, list[np.ndarray]]:
+    """The host's part of one round: (order: the images grouped as in _CTA_GROUPED, count of each op, [tables,
+    pixel-table levels, blend factors, warp_fixed_point, resize matrices x and y, Cutout (row, column, size)])."""
+    order = np.argsort(_CTA_RANK[op], kind="stable")
+    level, where = level[order], where[order]
+    counts = dict(zip(_CTA_GROUPED, np.bincount(_CTA_RANK[op], minlength=len(_CTA_GROUPED)).tolist()))
+    tables, pixel, factors, matrices, start = [np.empty((0, 256))], [], [], [np.empty((0, 6))], 0
+    for name in _CTA_GROUPED:
+        kind = CTA_OPS[name][0]
+        lv, wh, start = level[start:start + counts[name]], where[start:start + counts[name]], start + counts[name]
+        if kind == "table" and len(lv):
+            tables.append(_cta_table(name, lv[:, 0]))
+        elif kind == "pixel_table":
+            pixel.append(lv[:, 0])
+        elif kind == "blend":
+            factors.append(_enhance_factor(lv[:, 0]) if name in ("color", "contrast", "sharpness") else lv[:, 0])
+        elif kind == "warp" and len(lv):
+            matrices.append(_cta_matrix(name, lv[:, 0], h, w))
+        elif kind == "resample":
+            resize = _rescale_matrices(lv, h, w)
+        elif kind == "cutout":  # the reference's centre is uniform over the pixels; side 2 * (size // 2)
+            size = 1 + np.floor(lv[:, 0] * min(h, w) * 0.499)
+            cut = np.stack([np.floor(wh[:, 0] * h), np.floor(wh[:, 1] * w), size], 1).astype(np.int64)
+    arrays = [np.concatenate(tables)[:, None].astype(np.uint8), np.concatenate(pixel).astype(np.float32),
+              np.concatenate(factors).astype(np.float32), warp_fixed_point(np.concatenate(matrices)), *resize, cut]
+    return order, counts, arrays
+
+
+def _resize_pass(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """One pass of Pillow's resize along the last axis: exact, as every product and sum is an integer
+    below 2^53 in float64; floor((s + 2^21) / 2^22) is Pillow's s >> 22."""
+    return torch.floor((torch.matmul(x, k.transpose(1, 2).unsqueeze(1)) + 2.0 ** 21) / 2.0 ** 22).clamp(0, 255)
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """PIL ImageFilter.BLUR: the 5x5 ring of ones (centre 3x3 zero) / 16, rounded; the 2-px border is copied.
+    float32."""
+    f = x.float()
+    rows = f[:, :, :-4] + f[:, :, 1:-3] + f[:, :, 2:-2] + f[:, :, 3:-1] + f[:, :, 4:]
+    box5 = rows[:, :, :, :-4] + rows[:, :, :, 1:-3] + rows[:, :, :, 2:-2] + rows[:, :, :, 3:-1] + rows[:, :, :, 4:]
+    mid = f[:, :, 1:-1, 1:-1]
+    rows3 = mid[:, :, :-2] + mid[:, :, 1:-1] + mid[:, :, 2:]
+    box3 = rows3[:, :, :, :-2] + rows3[:, :, :, 1:-1] + rows3[:, :, :, 2:]
+    out = f.clone()
+    out[:, :, 2:-2, 2:-2] = torch.floor((box5 - box3) / 16 + 0.5)  # integers below 2^24: exact in float32
+    return out
+
+
+def _run_cta_round(x: torch.Tensor, counts: dict, tables: torch.Tensor, pixel: torch.Tensor, factors: torch.Tensor,
+                   fixed: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """The device's part of one round, on images grouped as in _CTA_GROUPED; the images in the same order."""
+    b, c, h, w = x.shape
+    n = {kind: sum(counts[name] for name in _CTA_GROUPED if CTA_OPS[name][0] == kind)
+         for kind in ("table", "pixel_table", "blend", "warp", "resample", "cutout")}
+    lut_x, blend_x, warp_x, res_x, cut_x = x.split([n["table"] + n["pixel_table"], n["blend"], n["warp"],
+                                                    n["resample"], n["cutout"]])
+    out = []
+    if len(lut_x):
+        _, ac_x, eq_x = lut_x.split([n["table"], counts["autocontrast"], counts["equalize"]])
+        luts = [tables.expand(n["table"], c, 256)] if n["table"] else []
+        if n["pixel_table"]:  # blended with the identity: Image.blend(x, autocontrast(x), level) is a table too
+            ramp = _constants(x.device)[0].view(1, 1, 256, 1)
+            own = [fn(part) for fn, part in ((autocontrast_lut, ac_x), (equalize_lut, eq_x)) if len(part)]
+            own = (torch.cat(own) if len(own) > 1 else own[0]).unsqueeze(3)
+            luts.append(blend(ramp, own, pixel).squeeze(3))
+        out.append(apply_lut(lut_x, torch.cat(luts) if len(luts) > 1 else luts[0]))
+    if len(blend_x):
+        gray_x, smooth_x, blur_x = blend_x.split([counts["color"] + counts["contrast"],
+                                                  counts["sharpness"] + counts["smooth"], counts["blur"]])
+        gray_color, gray_contrast = grayscale(gray_x).split([counts["color"], counts["contrast"]])
+        smoothed = smooth(smooth_x)
+        sm_sharp, sm_smooth = smoothed.split([counts["sharpness"], counts["smooth"]])
+        x_sharp, x_smooth = smooth_x.split([counts["sharpness"], counts["smooth"]])
+        # Enhance blends from the degenerate image to x, Image.blend(x, filtered, level) from x to the filtered
+        first = [gray_color.expand(-1, c, h, w), mean_level(gray_contrast).expand(-1, c, h, w), sm_sharp,
+                 x_smooth.float(), blur_x.float()]
+        second = [gray_x, x_sharp, sm_smooth.to(x.dtype), blur(blur_x).to(x.dtype)]
+        out.append(blend(torch.cat(first), torch.cat(second), factors))
+    if len(warp_x):
+        out.append(warp(warp_x, warp_source(fixed, h, w)))
+    if len(res_x):
+        out.append(_resize_pass(_resize_pass(res_x.double(), kx).transpose(2, 3), ky).transpose(2, 3).to(x.dtype))
+    if len(cut_x):
+        centre, size = cut.split([2, 1], 1)
+        out.append(_fill_box(cut_x, *_cutout_masks(centre.contiguous(), h, w, size.reshape(-1, 1, 1, 1), 127)))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def cta_augment(x: torch.Tensor, policy: dict[str, np.ndarray]) -> torch.Tensor:
+    """Apply a CTAugment policy (cta_policy's) to images x [B, C, H, W] on x's device: each image's ops in
+    order, as libml/ctaugment.py `apply` does (the reference adds no Cutout after them: AugmentPoolCTA)."""
+    b, _, h, w = x.shape
+    rounds, arrays, position = [], [], np.arange(b)
+    for op, level, where in zip(policy["op"], policy["level"], policy["where"]):
+        order, counts, plan = _plan_cta_round(op, level, where, h, w)
+        arrays += [position[order], *plan]
+        rounds.append(counts)
+        position = np.argsort(order)
+    tensors = _send(arrays + [position], x.device)
+    for r, counts in enumerate(rounds):
+        x = _run_cta_round(x.index_select(0, tensors[8 * r]), counts, *tensors[8 * r + 1:8 * r + 8])
+    return x.index_select(0, tensors[-1])
+
+
+def cta_apply_op(name: str, x: torch.Tensor, level, where=(0.5, 0.5)) -> torch.Tensor:
+    """Apply CTAugment op `name` to images x at `level`: a scalar, one per image [B], or [B, 2] (rescale's two
+    parameters: scale, method); for cutout, `where` places the centre (fractions of the rows and columns)."""
+    b = len(x)
+    level = np.asarray(torch.as_tensor(level, dtype=torch.float64).cpu())
+    level = np.broadcast_to(level.reshape(-1, 1) if level.ndim < 2 else level, (b, 2))
+    where = np.broadcast_to(np.asarray(where, dtype=np.float64), (b, 2))
+    policy = {"op": np.full((1, b), CTA_NAMES.index(name)), "level": level[None].copy(), "where": where[None].copy()}
+    return cta_augment(x, policy)
 
 
 # ----------------------------------------------------------------------------------------------------

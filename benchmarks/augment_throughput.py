@@ -1,9 +1,11 @@
-"""Augmentation throughput: common.py's batched weak/strong augmentation vs a per-image Pillow pipeline.
+"""Augmentation throughput: common.py's batched weak/strong augmentation and CTAugment vs per-image Pillow pipelines.
 
 The per-image pipeline is what a DataLoader-based implementation runs for every image (tensor -> PIL,
 torchvision's RandomHorizontalFlip + RandomCrop(32, padding=4, reflect), two random ops from the same
 14-op pool with random magnitudes as Pillow calls, a 16 px gray Cutout, back to a tensor), here in a
-single process. Each timing is the median of --repeats batches after warm-up.
+single process. The CTAugment row: a training policy (cta_policy) and its 2 ops (cta_augment) on the batch,
+against 2 ops per image with the reference's Pillow calls (pil_cta_op, uniform levels); a last line compares
+it with common.py's RandAugment (2 ops, randaugment). Each timing is the median of --repeats batches after warm-up.
 
     python benchmarks/augment_throughput.py [--device cpu] [--batch-size 448] [--repeats 20]
 """
@@ -19,7 +21,7 @@ import time
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # common.py lives in the repository root, one level up
@@ -49,6 +51,42 @@ def pil_op(im: Image.Image, name: str, v: float) -> Image.Image:
     return im.transform(im.size, Image.AFFINE, matrix)
 
 
+def pil_cta_op(im: Image.Image, name: str, level: float, level2: float = 0.0,
+               where: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """One CTAugment op as google-research/fixmatch's libml/ctaugment.py applies it with Pillow, at levels in
+    [0, 1] (level2: rescale's method); Cutout's centre is (row, column) = int(where * size) instead of the
+    reference's np.random draw inside the op."""
+    def mix(other: Image.Image) -> Image.Image:  # the reference's _imageop and _filter
+        return Image.blend(im, other, level)
+
+    if name in ("autocontrast", "equalize", "invert"):
+        return mix(getattr(ImageOps, name)(im))
+    if name in ("blur", "smooth"):
+        return mix(im.filter(ImageFilter.BLUR if name == "blur" else ImageFilter.SMOOTH))
+    if name in ("brightness", "color", "contrast", "sharpness"):  # the reference's _enhance
+        return getattr(ImageEnhance, name.capitalize())(im).enhance(0.1 + 1.9 * level)
+    if name == "cutout":
+        size, a = 1 + int(level * min(im.size) * 0.499), np.array(im)
+        cy, cx = int(where[0] * im.size[1]), int(where[1] * im.size[0])
+        a[max(cy - size // 2, 0):cy + size // 2, max(cx - size // 2, 0):cx + size // 2] = 127
+        return Image.fromarray(a)
+    if name == "posterize":
+        return ImageOps.posterize(im, 1 + int(level * 7.999))
+    if name == "solarize":
+        return ImageOps.solarize(im, int(level * 255.999))
+    if name == "rescale":
+        w, h = im.size
+        s = level * 0.25
+        methods = [getattr(Image.Resampling, m.upper()) for m in common.RESCALE_METHODS]
+        return im.crop((s * w, s * h, w * (1 - s), h * (1 - s))).resize(im.size, methods[int(level2 * 5.99)])
+    if name == "rotate":
+        return im.rotate(int(np.round((2 * level - 1) * 45)))
+    v = (2 * level - 1) * 0.3
+    matrix = {"shear_x": (1, v, 0, 0, 1, 0), "shear_y": (1, 0, 0, v, 1, 0), "translate_x": (1, 0, v, 0, 1, 0),
+              "translate_y": (1, 0, 0, 0, 1, v)}.get(name)
+    return im if matrix is None else im.transform(im.size, Image.AFFINE, matrix)  # identity: unchanged
+
+
 WEAK_PIL = T.Compose([T.RandomHorizontalFlip(), T.RandomCrop(32, padding=4, padding_mode="reflect")])
 
 
@@ -69,6 +107,17 @@ def pil_strong(x: torch.Tensor) -> torch.Tensor:
         cy, cx = random.randrange(32), random.randrange(32)
         a[max(cy - 8, 0):cy + 8, max(cx - 8, 0):cx + 8] = 127
         out.append(a)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+
+def pil_cta(x: torch.Tensor) -> torch.Tensor:
+    out = []
+    for img in x:
+        im = Image.fromarray(img.permute(1, 2, 0).numpy())
+        for _ in range(2):
+            im = pil_cta_op(im, random.choice(common.CTA_NAMES), random.random(), random.random(),
+                            (random.random(), random.random()))
+        out.append(np.asarray(im))
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
 
 
@@ -183,14 +232,19 @@ def main() -> None:
               + ", ".join(f"{name} {1e3 * t['cpu']:.1f} ({1e3 * t['wall']:.1f})" for name, t in s.items()))
         return
 
-    speedups = {"weak": [], "strong": []}
+    rates = common.cta_rates(device)
+    speedups, cta_vs_ra = {"weak": [], "strong": [], "cta": []}, []
     for run in range(args.runs):
         s = median_seconds({
             "weak_pil": lambda: pil_weak(x),
             "strong_pil": lambda: pil_strong(x),
+            "cta_pil": lambda: pil_cta(x),
             "weak": lambda: common.weak_augment(xd, g),
             "strong": lambda: common.strong_augment(xd, g),
+            "cta": lambda: common.cta_augment(xd, common.cta_policy(rates, g, args.batch_size)),
+            "randaugment": lambda: common.randaugment(xd, g),
         }, args.repeats, args.warmup, sync)
+        cta_vs_ra.append((s["cta"]["cpu"], s["randaugment"]["cpu"]))
         for kind in speedups:
             speedups[kind].append((s[f"{kind}_pil"]["cpu"] / s[kind]["cpu"], s[kind]["cpu"], s[f"{kind}_pil"]["cpu"],
                                    s[f"{kind}_pil"]["wall"] / s[kind]["wall"]))
@@ -217,6 +271,10 @@ def main() -> None:
         print(f"| {kind} | {span([args.batch_size / r[1] for r in rows], '{:,.0f}'.format)} | "
               f"{span([args.batch_size / r[2] for r in rows], '{:,.0f}'.format)} | "
               f"{span([r[0] for r in rows], '{:.1f}x'.format)} | {span([r[3] for r in rows], '{:.1f}x'.format)} |")
+    print(f"\nCTAugment (policy + 2 ops) against RandAugment (2 ops), batched, images per second of CPU time: "
+          f"{span([args.batch_size / c for c, _ in cta_vs_ra], '{:,.0f}'.format)} against "
+          f"{span([args.batch_size / r for _, r in cta_vs_ra], '{:,.0f}'.format)}, "
+          f"{span([r / c for c, r in cta_vs_ra], '{:.2f}x'.format)}")
 
 
 if __name__ == "__main__":
