@@ -5,10 +5,14 @@ augmentation ops (smooth regions, gradients, a little pixel noise, clipped highl
 class-dependent colour and stripe pattern, so a tiny network trained for a few steps beats chance.
 """
 
+import getpass
 import math
 import os
 import pickle
 import platform
+import re
+import tempfile
+from collections.abc import Mapping
 
 # One thread for the tests and the scripts they start: their tensors are tiny, so a second thread costs
 # more in synchronisation than it saves, and on a busy machine (a training run beside the tests) two
@@ -21,10 +25,44 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # AVX-512 and that AMD VM (fixmatch.py 8e-4, supervised.py 1e-6: pseudo-labels and masks amplify a rounding
 # difference), and by up to 9e-5 on an AMD EPYC with AVX-512 (Zen 4) while oneDNN alone was not pinned. AVX2 is
 # on all of them; set before torch loads, and inherited by the scripts the tests start.
+PINS = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
+# What a run started from the same shell gets (test_amp_compile.py starts one): the pins and inductor's cache folder
+# as they were before this file changed them (None: unset).
+OUTSIDE = {name: os.environ.get(name) for name in (*PINS, "TORCHINDUCTOR_CACHE_DIR")}
 if platform.machine() in ("x86_64", "AMD64"):
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
     os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")  # MKL's conditional numerical reproducibility
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+
+
+def inductor_cache_for_pins(environ: Mapping[str, str]) -> str:
+    """The folder for inductor's on-disk cache of processes with `environ`'s pins: beside the folder a run from the
+    same shell uses (TORCHINDUCTOR_CACHE_DIR, else inductor's default, torchinductor_<user> in the system temp
+    folder), named after the pins' values, e.g. /tmp/torchinductor_alice_tests_avx2_avx2-strict_avx2."""
+    values = [re.sub(r"[^a-z0-9]+", "-", environ[name].lower()) for name in PINS if environ.get(name)]
+    suffix = "_tests_" + ("_".join(values) or "unpinned")
+    base = environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not base:
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no name for this uid (in a container): inductor falls back the same way
+            user = f"uid_{os.getuid()}"
+        base = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    return base if base.endswith(suffix) else base + suffix  # a nested pytest inherits the folder: keep it
+
+
+def outside_environment() -> dict[str, str]:
+    """os.environ as a run started from the same shell as the tests has it: their pins and cache folder undone."""
+    env = {k: v for k, v in os.environ.items() if k not in OUTSIDE}
+    return env | {k: v for k, v in OUTSIDE.items() if v is not None}
+
+
+# Inductor's on-disk cache (torch.compile) is keyed without the ATen CPU capability (torch 2.14.1): kernels generated
+# for AVX2 were loaded by a later unpinned --compile run on an AVX-512 machine, which aborted (malloc(): unaligned
+# fastbin chunk detected), and the tests' AVX2 runs loaded AVX-512 kernels and trained on NaN. So the tests and the
+# scripts they start compile into a folder of their own, named after the pins, never into the one that runs outside
+# the tests use; it persists, so that the compiled tests are fast from the second run on.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_for_pins(os.environ)
 
 import numpy as np  # noqa: E402 (after the environment above: torch reads it when it loads)
 import pytest

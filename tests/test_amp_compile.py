@@ -3,17 +3,21 @@
 
 The compile test is marked slow: with an empty inductor cache, compiling even the tiny network's forward and
 backward takes a minute or more on a 2-core machine (gcc builds every generated kernel); later runs hit the
-on-disk cache. It stays in the default test command (.ci/run); `-m "not slow"` skips it.
+on-disk cache. It stays in the default test command (.ci/run); `-m "not slow"` skips it. That cache is the tests'
+own (conftest.py): runs outside the tests, without their CPU pins, never load what the tests compiled (tested).
 """
 
 import importlib
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from conftest import OUTSIDE, PINS, inductor_cache_for_pins, outside_environment
 from test_scripts import GOLDEN, SCRIPTS, TINY, metrics
 
 
@@ -79,3 +83,63 @@ def test_compile_on_cpu_without_recompilation(cifar_dir, tmp_path, monkeypatch):
     eager, compiled = metrics(str(tmp_path / "eager")), metrics(str(tmp_path / "compiled"))
     for e, c in zip(eager, compiled):  # inductor fuses and reorders float operations: close, not equal
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-3) and c["step"] == e["step"]
+
+
+# A tiny network's training step, three SGD steps eagerly and three compiled (forward and backward) from the same
+# weights; prints both runs' losses as JSON. Its shapes (5 images of 9 x 9) are no script's, so that only this test
+# writes its entries into inductor's caches; two convolutions with BatchNorm, so that its kernels have vector loops.
+TINY_STEP = """
+import copy, json, torch
+import torch.nn as nn, torch.nn.functional as F
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.LeakyReLU(0.1),
+                    nn.Conv2d(12, 20, 3, padding=1), nn.BatchNorm2d(20), nn.LeakyReLU(0.1),
+                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(20, 10))
+x, y = torch.randn(5, 3, 9, 9), torch.arange(5)
+losses = {}
+for name, model in [("eager", copy.deepcopy(net)), ("compiled", net)]:
+    forward = torch.compile(model) if name == "compiled" else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    losses[name] = []
+    for _ in range(3):
+        loss = F.cross_entropy(forward(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses[name].append(loss.item())
+print(json.dumps(losses))
+"""
+
+
+def test_the_tests_compile_into_a_cache_folder_of_their_own_named_after_their_pins(tmp_path):
+    """conftest.py points TORCHINDUCTOR_CACHE_DIR, which the scripts the tests start inherit, beside the folder a run
+    from the same shell compiles into (inductor's default where the shell sets none), one folder per set of pins."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    outside = OUTSIDE["TORCHINDUCTOR_CACHE_DIR"] or default_cache_dir()
+    ours = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert ours.startswith(outside + "_tests_") and ours == inductor_cache_for_pins(os.environ)  # set once, stays
+    assert outside_environment().get("TORCHINDUCTOR_CACHE_DIR") == OUTSIDE["TORCHINDUCTOR_CACHE_DIR"]
+    base = str(tmp_path / "cache")
+    pinned = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2",
+              "TORCHINDUCTOR_CACHE_DIR": base}
+    assert inductor_cache_for_pins(pinned) == base + "_tests_avx2_avx2-strict_avx2"
+    avx512 = pinned | {"ATEN_CPU_CAPABILITY": "avx512"}
+    assert inductor_cache_for_pins(avx512) == base + "_tests_avx512_avx2-strict_avx2"
+    assert inductor_cache_for_pins({"TORCHINDUCTOR_CACHE_DIR": base}) == base + "_tests_unpinned"
+
+
+@pytest.mark.slow
+def test_what_the_tests_compile_never_reaches_a_run_without_their_pins():
+    """The tiny step compiled with the tests' environment (their CPU pins and cache folder), then in a run started
+    from the same shell (no pins; its own cache folder): both exit 0 with the eager losses. Inductor's cache key
+    leaves out the ATen CPU capability (torch 2.14.1), so while the tests compiled into the default folder, the
+    second run loaded the AVX2 kernels on an AVX-512 machine and crashed (segfault, or malloc() aborting), and in
+    the other order the tests' run computed NaN."""
+    for env in [dict(os.environ), outside_environment()]:  # cold caches: ~25 s each on a 2-core VM, warm ~7 s
+        proc = subprocess.run([sys.executable, "-c", TINY_STEP], env=env, capture_output=True, text=True, timeout=300)
+        pins = {k: env.get(k) for k in PINS}
+        assert proc.returncode == 0, f"{pins}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        losses = json.loads(proc.stdout.splitlines()[-1])
+        assert all(math.isfinite(v) for v in losses["compiled"]), (pins, losses)
+        assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4), (pins, losses)

@@ -86,7 +86,10 @@ def cluster(tmp_path_factory):
     conf = os.path.join(root, "slurm.conf")
     with open(conf, "w") as f:
         f.write(slurm_conf(root, min(2, os.cpu_count() or 1)))
-    env = dict(os.environ, SLURM_CONF=conf)
+    # sbatch passes its environment on to the job, and a grid task runs the first `python` on that PATH: this
+    # interpreter's folder first, so that the tasks run the python running the tests (with torch), activated or not.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, SLURM_CONF=conf, PATH=path)
     m = os.path.join(root, "munge")
     commands = [
         [DAEMONS["munged"], "-F", "--force", f"--key-file={m}/munge.key", f"--socket={m}/munge.socket",
