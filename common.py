@@ -21,7 +21,8 @@ own and imports only these building blocks.
   paper's range (Table 12). google-research/fixmatch (libml/augment.py, AugmentPoolRAM) and
   kekmodel/FixMatch-pytorch (RandAugmentMC) apply each op with probability 0.5, so about a quarter of their
   images get no op at all; TorchSSL and USB apply 3 ops, always, and a Cutout of random size (docs/data.md).
-  `cta_policy`, `cta_augment` and `cta_update` are CTAugment (ReMixMatch's), whose magnitudes are learned.
+  `cta_policy`, `cta_augment` and `cta_update` are CTAugment (ReMixMatch's), whose magnitudes are learned;
+  `cta_labeled_views`, `cta_strong_augment` and `cta_probe` are its part of a training step (--augment ctaugment).
 - Model: WideResNet as in the FixMatch reference (WRN-28-2 by default, 1,467,610 parameters). `model(x, bn_groups)`
   normalises consecutive groups of a batch with their own BatchNorm statistics (`ghost_batch_norm`), so that
   one pass computes what a pass per group would (MixMatch's and ReMixMatch's interleaved batches). `load_model`
@@ -1327,6 +1328,54 @@ def cta_apply_op(name: str, x: torch.Tensor, level, where=(0.5, 0.5)) -> torch.T
     where = np.broadcast_to(np.asarray(where, dtype=np.float64), (b, 2))
     policy = {"op": np.full((1, b), CTA_NAMES.index(name)), "level": level[None].copy(), "where": where[None].copy()}
     return cta_augment(x, policy)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CTAugment in a training step (--augment ctaugment), as google-research/fixmatch's CTA runs do it
+# (libml/augment.py AugmentPoolCTA, cta/lib/train.py CTAClassifySemi.train_step). Every image is first weakly
+# augmented (the reference's flip + 4-px shift, its tf side 'd'). A labeled image then gives two views: the
+# training image, weak + a CTA training policy, and the probe, weak + a probe policy. An unlabeled image keeps
+# its weak view, and every other view is weak (drawn anew) + a training policy of its own; no Cutout is added
+# after the ops (cutout is one of the 19). After the optimizer step and the EMA update, the EMA model predicts
+# the probes, and how well it still classifies them moves the rates of the bins their policies used.
+# The rates live on the host, where the policies are drawn: on CUDA, the probe's predictions come back to the
+# host once per step (one sync), the only one the CTA step adds.
+# ----------------------------------------------------------------------------------------------------
+def cta_labeled_views(x_weak: torch.Tensor, rates: torch.Tensor,
+                      generator: torch.Generator) -> tuple[torch.Tensor, tuple[torch.Tensor, dict]]:
+    """AugmentPoolCTA's labeled batch from weakly augmented images x_weak [B, C, H, W]: the training images
+    (weak + a CTA training policy) and the probe, (probe images: weak + a probe policy, that policy), which
+    cta_probe scores. The draws, as the reference's: the probe policy, then the training policy."""
+    probe_policy = cta_policy(rates, generator, len(x_weak), probe=True)
+    probe = cta_augment(x_weak, probe_policy)
+    return cta_augment(x_weak, cta_policy(rates, generator, len(x_weak))), (probe, probe_policy)
+
+
+def cta_strong_augment(x: torch.Tensor, rates: torch.Tensor, generator: torch.Generator,
+                       views: int | None = None) -> torch.Tensor:
+    """CTAugment's strong view, in place of strong_augment: weak augmentation, then a CTA training policy per image
+    (AugmentPoolCTA's unlabeled views; no Cutout added). With `views`: [views, B, ...], each its own draws."""
+    weak = weak_augment(x, generator, views=views)
+    flat = weak.flatten(0, 1) if views is not None else weak
+    return cta_augment(flat, cta_policy(rates, generator, len(flat))).view_as(weak)
+
+
+@torch.no_grad()
+def cta_probe(model: nn.Module, probe: tuple[torch.Tensor, dict], labels: torch.Tensor, rates: torch.Tensor,
+              amp: bool, mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> torch.Tensor:
+    """CTAugment's feedback (cta/lib/train.py, train_step): `model` (the EMA model, as the reference's
+    classify_op) predicts the probe images (cta_labeled_views) in eval mode, without gradient, as evaluation
+    does; returns the new rates (cta_update with their true labels). The model's mode is left as it was."""
+    images, policy = probe
+    training = model.training
+    model.eval()
+    try:
+        x = normalize(images, *mean_std).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            probs = torch.softmax(model(x).float(), dim=1)
+    finally:
+        model.train(training)
+    return cta_update(rates, policy, probs, labels)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -574,6 +574,8 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
                             "pass another --out, or --overwrite to replace it")
         if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
             old["amp"] = "auto"
+        if "augment" in vars(args):  # runs from before --augment used RandAugment (remixmatch's default is now CTA)
+            old.setdefault("augment", "randaugment")
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]

@@ -32,20 +32,23 @@ optimiser is, by default, the shared recipe of every script (fixmatch.py: SGD wi
 compared under one recipe. `--optimizer adam` is the paper's own (the reference's, the same as MixMatch's):
 Adam with a constant lr 0.002 and weight decay applied to the weights after every step, w <- w (1 - 0.02 lr).
 
+Strong augmentation is the paper's CTAugment (Section 3.2.2, common.py), run as the reference runs it
+(google-research/fixmatch libml/augment.py AugmentPoolCTA, cta/lib/train.py): the labeled images are weak + a CTA
+policy (Algorithm 1 augments them strongly) and give a probe that the EMA model scores after every step, which
+updates CTAugment's rates; each strong view is weak + a CTA policy of its own. --augment randaugment uses
+common.strong_augment (RandAugment with random magnitudes + Cutout, as FixMatch) instead.
+
 What differs from the paper:
-- Strong augmentation is common.strong_augment (RandAugment with random magnitudes + Cutout, as in
-  FixMatch), not the paper's CTAugment, which learns its magnitudes during training (Section 3.2.2).
 - p(y) is computed once from the labeled split; the reference estimates it as a running average of the
   labeled batches' labels, which converges to the same distribution.
 - The rotations are assigned by position (0, 90, 180, 270 degrees in turn), as the reference does, not
   drawn at random: the unlabeled batch is in random order, so each image still gets a random rotation.
-- The labeled images are weakly augmented by default (--labeled-aug weak), as in the PyTorch RandAugment-based
-  implementations (TorchSSL, USB; remixmatch_no_cta.py is no precedent: its --augment d.d.d has no strong
-  views at all). The paper's Algorithm 1 augments them strongly, but with CTAugment, whose magnitudes are
-  tuned on labeled probes so that labeled images stay recognisable; RandAugment at random magnitudes with
-  Cutout has no such feedback, and with it the labeled loss stays high and most of the pass that sets
-  BatchNorm's statistics is strongly augmented. --labeled-aug strong is Algorithm 1 with RandAugment (the
-  README's ablation compares the two).
+- With --augment randaugment, the labeled images are weakly augmented by default (--labeled-aug weak), as in
+  the PyTorch RandAugment-based implementations (TorchSSL, USB; remixmatch_no_cta.py is no precedent: its
+  --augment d.d.d has no strong views at all). RandAugment at random magnitudes with Cutout has none of
+  CTAugment's feedback from labeled probes, and with it on the labeled batch the labeled loss stays high and
+  most of the pass that sets BatchNorm's statistics is strongly augmented. --labeled-aug strong is Algorithm 1
+  with RandAugment (the README's ablation compares the two).
 As in the reference, the weak view of every unlabeled image joins the K strong views in U^
 (remixmatch_no_cta.py mixes all K + 1 views).
 
@@ -75,7 +78,7 @@ import torch.nn.functional as F
 
 from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MODEL_FILE_VERSION, NUM_CLASSES, DataError, RandomBatches,
                     WideResNet, check_data_args, check_device, labeled_split, load_dataset, normalize, parse_n_labeled,
-                    strong_augment, weak_augment)
+                    cta_labeled_views, cta_probe, cta_rates, cta_strong_augment, strong_augment, weak_augment)
 
 ALGORITHM = "remixmatch"
 
@@ -280,21 +283,25 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 # Training step
 # ----------------------------------------------------------------------------------------------------
 def train_step(model, optimizer, x_l, y_l, u, step: int, p_data, p_model, rngs: tuple, args, amp: bool,
-               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD)) -> tuple[dict, torch.Tensor]:
+               mean_std: tuple = (CIFAR10_MEAN, CIFAR10_STD), rates=None) -> tuple[dict, torch.Tensor, tuple | None]:
     """One ReMixMatch step, the whole of Algorithm 1, at (0-based) step `step` on the labeled images x_l and the
     unlabeled images u [B, ...], both uint8 and not yet augmented: the views, label guessing with distribution
     alignment (p_data, the labeled class distribution; p_model, the PredictionHistory, updated here), MixUp, the
     four losses and the update. rngs = (aug_generator, mixup_rng) draw the augmentations and the MixUp draws.
     Returns the step's statistics by name (tensors on the device: no host sync), and the guessed labels q [B, C],
-    whose accuracy (of argmax q) the loop measures. mean_std is the data set's (mean, std) for normalize."""
+    whose accuracy (of argmax q) the loop measures. mean_std is the data set's (mean, std) for normalize. With
+    --augment ctaugment, `rates` are CTAugment's, and the step also returns the probe that cta_probe scores."""
     aug_generator, mixup_rng = rngs
-    k, b = args.k_strong, len(u)
+    k, b, cta = args.k_strong, len(u), args.augment == "ctaugment"
     # Augmentation anchoring's views: a weak anchor and K strong views of every unlabeled image. The labeled
-    # images are weakly augmented by default, as in every RandAugment-based reference (see the docstring).
+    # images: with CTAugment weak + CTA, and a probe (AugmentPoolCTA); with RandAugment weak by default, as in
+    # every RandAugment-based reference (see the docstring).
     augment_labeled = strong_augment if args.labeled_aug == "strong" else weak_augment
     x_l = augment_labeled(x_l, aug_generator)
+    x_l, probe = cta_labeled_views(x_l, rates, aug_generator) if cta else (x_l, None)
     x_uw = weak_augment(u, aug_generator)
-    x_us = strong_augment(u, aug_generator, views=k)  # [K, B, ...]
+    x_us = (cta_strong_augment(u, rates, aug_generator, views=k) if cta
+            else strong_augment(u, aug_generator, views=k))  # [K, B, ...]
     lam, perm = sample_mixup(mixup_rng, (k + 2) * b, args.alpha, u.device)  # MixUp over X^ and the K + 1 views
     ramp = linear_rampup(step, args.rampup_steps)
     # Label guessing on the weak view in training mode, as the reference, leaving BatchNorm's running statistics alone.
@@ -324,7 +331,7 @@ def train_step(model, optimizer, x_l, y_l, u, step: int, p_data, p_model, rngs: 
     optimizer.step()
     stats = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_u1": loss_u1.detach(),
              "loss_rot": loss_rot.detach(), "ramp": torch.full_like(loss, ramp)}
-    return stats, q
+    return stats, q, probe
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,6 +372,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.batch_size, seed=args.seed + 1)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
     mixup_rng = np.random.default_rng(args.seed + 3)
+    cta, rates = args.augment == "ctaugment", cta_rates()  # CTAugment's rates, on the host (common.py)
     # Distribution alignment: p(y) from the labeled split, p~(y) from the model's recent predictions.
     p_data = labeled_distribution(train_y[labeled.to(device)], data["num_classes"])
     p_model = PredictionHistory(data["num_classes"], args.da_batches, device)
@@ -375,7 +383,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
     parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
              "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, "mixup_rng": mixup_rng,
-             "p_model": p_model}
+             "p_model": p_model, **({"cta_rates": rates} if cta else {})}
     step, elapsed, ckpt_step = 0, 0.0, None
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
     if ckpt is not None:
@@ -388,7 +396,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
 
     # Images through the network per step: the weak view (forward only), the first strong view un-mixed and
     # rotated, then the labeled batch and all K + 1 views again, mixed (forward and backward).
-    images_per_step = args.batch_size * (5 + args.k_strong)
+    images_per_step = args.batch_size * (5 + args.k_strong + cta)  # CTA: + the probe (forward only)
     print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
           f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
     # Statistics are summed on the device over the steps since the last evaluation (or start, or the checkpoint of a
@@ -405,9 +413,11 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
             # index_select: x[idx] is ~15x slower for this on CPU
             x_l, u = train_x.index_select(0, idx_l), train_x.index_select(0, idx_u)
-            step_stats, q = train_step(forward, optimizer, x_l, train_y[idx_l], u, step, p_data, p_model,
-                                       (aug_generator, mixup_rng), args, amp, mean_std)
+            step_stats, q, probe = train_step(forward, optimizer, x_l, train_y[idx_l], u, step, p_data, p_model,
+                                              (aug_generator, mixup_rng), args, amp, mean_std, rates)
             ema_update(ema_model, model, args.ema_decay)
+            if cta:  # CTAugment's feedback, after the step and the EMA update: the EMA model's probe predictions
+                rates.copy_(cta_probe(ema_model, probe, train_y[idx_l], rates, amp, mean_std))
             stats = {**step_stats, **pseudo_label_stats(q.argmax(dim=1), None, train_y[idx_u])}
             values = torch.stack(list(stats.values()))
             sums = values if sums is None else sums + values
@@ -507,9 +517,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lambda-rot", type=float, default=0.5, help="weight of the rotation loss (not ramped)")
     p.add_argument("--rampup-steps", type=int, default=16384,
                    help="lambda_u and lambda_u1 ramp up linearly from 0 over this many steps")
+    p.add_argument("--augment", choices=["ctaugment", "randaugment"], default="ctaugment", help="strong "
+                   "augmentation: CTAugment, the paper's (the labeled batch weak + CTA, as google-research/fixmatch's "
+                   "AugmentPoolCTA), or RandAugment + Cutout (common.strong_augment)")
     p.add_argument("--labeled-aug", choices=["weak", "strong"], default="weak",
-                   help="augmentation of the labeled batch: weak (flip + shift, as every RandAugment-based "
-                   "reference) or strong (RandAugment + Cutout, the paper's Algorithm 1, which used CTAugment)")
+                   help="with --augment randaugment, the labeled batch's augmentation: weak (flip + shift, as every "
+                   "RandAugment-based reference) or strong (RandAugment + Cutout, Algorithm 1 with RandAugment)")
     p.add_argument("--da-batches", type=int, default=128, help="distribution alignment: p~(y) averages the "
                    "predictions of this many recent batches")
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="sgd: the shared recipe of all scripts "
@@ -566,6 +579,8 @@ def check_args(args: argparse.Namespace) -> None:
          "--lambda-u, --lambda-u1 and --lambda-rot must be >= 0"),
         (args.rampup_steps >= 0, f"--rampup-steps must be >= 0, got {args.rampup_steps}"),
         (args.da_batches >= 1, f"--da-batches must be >= 1, got {args.da_batches}"),
+        (args.augment == "randaugment" or args.labeled_aug == "weak", "--labeled-aug strong needs --augment "
+         "randaugment (with ctaugment the labeled batch is always weak + CTA, as the reference's)"),
         (args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1), got {args.ema_decay}"),
@@ -677,6 +692,8 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
                             "pass another --out, or --overwrite to replace it")
         if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
             old["amp"] = "auto"
+        if "augment" in vars(args):  # runs from before --augment used RandAugment (remixmatch's default is now CTA)
+            old.setdefault("augment", "randaugment")
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]

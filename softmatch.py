@@ -33,6 +33,7 @@ Defaults are FixMatch's CIFAR-10 setting, which SoftMatch keeps: B = 64, mu = 7,
 Nesterov momentum 0.9, lr 0.03 with cosine decay lr * cos(7 pi k / (16 K)), weight decay 5e-4, K = 2^20 steps,
 WRN-28-2, evaluation with an EMA (0.999) of the weights; m = 0.999, lambda_max = 1 and n_sigma = 2, the values
 of USB's CIFAR-10 configurations (config/classic_cv/softmatch/softmatch_cifar10_40_0.yaml: ema_p, n_sigma).
+--augment ctaugment: CTAugment in place of RandAugment, run as fixmatch.py's (docs/algorithms.md).
 
     python softmatch.py --n-labeled 40                       # the paper's setting on a CUDA GPU
     python softmatch.py --n-labeled 250 --device cpu --depth 10 --widen-factor 1 --epochs 2 --steps-per-epoch 20
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 from common import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MODEL_FILE_VERSION, DataError, RandomBatches, WideResNet,
                     check_data_args, check_device, labeled_split, load_dataset, normalize, parse_n_labeled,
-                    strong_augment, weak_augment)
+                    cta_labeled_views, cta_probe, cta_rates, cta_strong_augment, strong_augment, weak_augment)
 
 ALGORITHM = "softmatch"
 
@@ -202,6 +203,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     unlabeled_batches = RandomBatches(torch.arange(len(train_x), device=device), args.mu * args.batch_size,
                                       seed=args.seed + 1)
     aug_generator = torch.Generator().manual_seed(args.seed + 2)
+    cta, rates = args.augment == "ctaugment", cta_rates()  # CTAugment's rates, on the host (common.py)
     # SoftMatch's state: the running mean E[q] of the weak-view predictions (zeros: none yet) for the uniform
     # alignment, and the Gaussian's mean mu_t = 1/C and variance sigma2_t = 1 (USB's start), updated by every step.
     num_classes = data["num_classes"]
@@ -220,7 +222,8 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     warn_if_slow(args, model, device, total_steps)
     # Everything a checkpoint saves and a resume restores, besides the step and the time spent.
     parts = {"model": model, "ema_model": ema_model, "optimizer": optimizer, "labeled_batches": labeled_batches,
-             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, **adaptive}
+             "unlabeled_batches": unlabeled_batches, "aug_generator": aug_generator, **adaptive,
+             **({"cta_rates": rates} if cta else {})}
     step, elapsed, ckpt_step = 0, 0.0, None
     ckpt_path, metrics_path = os.path.join(args.out, "checkpoint.pt"), os.path.join(args.out, "metrics.jsonl")
     if ckpt is not None:
@@ -231,7 +234,7 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
     metrics = read_metrics(metrics_path, step)
     write_metrics(metrics_path, metrics)
 
-    images_per_step = args.batch_size * (1 + 2 * args.mu)  # images through the network per step
+    images_per_step = args.batch_size * (1 + 2 * args.mu + cta)  # images through the network per step (CTA: probe)
     print(f"{ALGORITHM}: {args.n_labeled} labels, WRN-{args.depth}-{args.widen_factor}, {total_steps} steps of "
           f"{images_per_step} images on {device}{' (bf16)' if amp else ''}; run folder {args.out}")
     # Statistics are summed on the device over the steps since the last evaluation (or start, or the checkpoint of a
@@ -246,9 +249,13 @@ def train(args: argparse.Namespace, argv: list[str] | None, lock: contextlib.Exi
             set_lr(optimizer, lr)
             idx_l, idx_u = labeled_batches(), unlabeled_batches()
             x_l = weak_augment(train_x.index_select(0, idx_l), aug_generator)
+            x_l, probe = cta_labeled_views(x_l, rates, aug_generator) if cta else (x_l, None)  # AugmentPoolCTA's
             u = train_x.index_select(0, idx_u)  # index_select: x[idx] is ~15x slower for this on CPU
-            x_uw, x_us = weak_augment(u, aug_generator), strong_augment(u, aug_generator)
+            x_uw = weak_augment(u, aug_generator)
+            x_us = cta_strong_augment(u, rates, aug_generator) if cta else strong_augment(u, aug_generator)
             stats = update(x_l, train_y[idx_l], x_uw, x_us, train_y[idx_u])
+            if cta:  # CTAugment's feedback, after the step and the EMA update: the EMA model's probe predictions
+                rates.copy_(cta_probe(ema_model, probe, train_y[idx_l], rates, amp, mean_std))
             values = torch.stack(list(stats.values()))
             sums = values if sums is None else sums + values
             names, steps_summed, step = list(stats), steps_summed + 1, step + 1
@@ -343,6 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--uniform-alignment", action=argparse.BooleanOptionalAction, default=True,
                    help="uniform alignment of the weak predictions before the weights read their confidence")
     p.add_argument("--lambda-u", type=float, default=1.0, help="weight of the unlabeled loss")
+    p.add_argument("--augment", choices=["randaugment", "ctaugment"], default="randaugment", help="strong "
+                   "augmentation: RandAugment + Cutout (the paper's main setting) or CTAugment, with the labeled batch "
+                   "weak + CTA too, as google-research/fixmatch's AugmentPoolCTA (docs/algorithms.md, FixMatch)")
     p.add_argument("--lr", type=float, default=0.03, help="initial learning rate (SGD, Nesterov momentum 0.9)")
     p.add_argument("--weight-decay", type=float, default=5e-4,
                    help="weight decay (not on BatchNorm parameters and biases)")
@@ -395,6 +405,8 @@ def check_args(args: argparse.Namespace) -> None:
         (args.depth >= 10 and (args.depth - 4) % 6 == 0,
          f"--depth must be 6n+4 (10, 16, 22, 28, ...), got {args.depth}"),
         (args.widen_factor >= 1, f"--widen-factor must be >= 1, got {args.widen_factor}"),
+        (not (args.cuda_graph and args.augment == "ctaugment"),
+         "--cuda-graph is not yet tested with --augment ctaugment (per-step host work); use one or the other"),
         (not args.cuda_graph or args.device.startswith("cuda"), "--cuda-graph needs --device cuda"),
     ]
     for ok, message in checks:
@@ -499,6 +511,8 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
                             "pass another --out, or --overwrite to replace it")
         if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
             old["amp"] = "auto"
+        if "augment" in vars(args):  # runs from before --augment used RandAugment (remixmatch's default is now CTA)
+            old.setdefault("augment", "randaugment")
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]

@@ -7,10 +7,13 @@ warm-up (cuDNN autotuning, allocator growth, compilation) is not counted. Next t
 step: forward + backward + optimizer step of the same network on the same number of pre-made images, with
 no sampling, augmentation, losses beyond cross-entropy or EMA. full / model-only is the pipeline's
 efficiency (1.0 = the data pipeline and algorithm cost nothing). Augmentation alone is timed at the
-unlabeled batch size. Prints a Markdown table.
+unlabeled batch size. Prints a Markdown table. A row may carry the script's flags: "fixmatch --augment ctaugment"
+is FixMatch with CTAugment (its policies, ops and the probe's forward pass of the B labeled images), and
+"remixmatch --augment randaugment" is ReMixMatch as it ran before CTAugment became its default.
 
     python benchmarks/step_throughput.py                      # CPU: WRN-28-2, batch 16, 4 steps per window
     python benchmarks/step_throughput.py --device cuda        # GPU: WRN-28-2, batch 64, 50 steps per window
+    python benchmarks/step_throughput.py --algorithms fixmatch "fixmatch --augment ctaugment"   # side by side
 """
 
 import argparse
@@ -33,7 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
-ALGORITHMS = ["supervised", "fixmatch", "flexmatch", "freematch", "softmatch", "mixmatch", "remixmatch"]
+ALGORITHMS = ["supervised", "fixmatch", "fixmatch --augment ctaugment", "flexmatch", "freematch", "softmatch",
+              "mixmatch", "remixmatch", "remixmatch --augment randaugment"]
 
 
 def write_synthetic_cifar(root: str, n_train: int = 50000, n_test: int = 1000) -> None:
@@ -50,13 +54,15 @@ def write_synthetic_cifar(root: str, n_train: int = 50000, n_test: int = 1000) -
 
 
 def time_script(algorithm: str, data_dir: str, args: argparse.Namespace) -> tuple[float, int]:
-    """(images/s of the second window, images per step) of the real script's loop."""
-    module = __import__(algorithm)
-    out = tempfile.mkdtemp(prefix=f"bench_{algorithm}_")
+    """(images/s of the second window, images per step) of the real script's loop; `algorithm` is the script's
+    name, optionally followed by its flags."""
+    name, *flags = algorithm.split()
+    module = __import__(name)
+    out = tempfile.mkdtemp(prefix=f"bench_{name}_")
     argv = ["--data-dir", data_dir, "--out", out, "--device", args.device, "--depth", str(args.depth),
             "--widen-factor", str(args.widen_factor), "--batch-size", str(args.batch_size), "--n-labeled", "4000",
             "--epochs", "1", "--steps-per-epoch", str(2 * args.steps), "--eval-every", str(args.steps),
-            "--log-every", str(10 ** 9)] + (["--compile"] if args.compile else [])
+            "--log-every", str(10 ** 9)] + (["--compile"] if args.compile else []) + flags
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         assert module.main(argv) == 0, buffer.getvalue()
@@ -146,9 +152,12 @@ def main() -> None:
     x = torch.randint(0, 256, (7 * args.batch_size, 3, 32, 32), dtype=torch.uint8, device=device)
     g = torch.Generator().manual_seed(0)
     print(f"\n| augmentation ({len(x)} images) | img/s |\n|---|---|")
-    for fn in (common.weak_augment, common.strong_augment):
-        seconds = statistics.median(timed(lambda: fn(x, g), max(args.steps, 5), device) for _ in range(3))
-        print(f"| {fn.__name__} | {len(x) / seconds:.0f} |")
+    rates = common.cta_rates()  # CTAugment's initial rates: every bin drawn
+    augmentations = {"weak_augment": lambda: common.weak_augment(x, g), "strong_augment": lambda: common.strong_augment(
+        x, g), "cta_strong_augment": lambda: common.cta_strong_augment(x, rates, g)}
+    for name, fn in augmentations.items():
+        seconds = statistics.median(timed(fn, max(args.steps, 5), device) for _ in range(3))
+        print(f"| {name} | {len(x) / seconds:.0f} |")
 
 
 if __name__ == "__main__":

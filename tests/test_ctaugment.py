@@ -250,3 +250,61 @@ def test_cta_rates_are_a_checkpointable_tensor():
     assert torch.equal(torch.load(buffer, weights_only=True)["cta_rates"], rates)
     assert [len(r) for r in common.cta_rates_of(rates, "rescale")] == [17, 6] and rates.shape == (303,)
     assert common.cta_rates_of(rates, "identity") == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# CTAugment in a training step: the views (AugmentPoolCTA) and the probe (cta/lib/train.py)
+# ----------------------------------------------------------------------------------------------------
+def test_cta_labeled_views_draw_the_probe_policy_then_the_training_policy(images):
+    """The labeled batch as AugmentPoolCTA makes it from weak images: probe = the probe policy's ops, the training
+    image = a training policy's ops, drawn in that order from the one generator."""
+    rates = common.cta_rates()
+    rates[::3] = 0.0  # a non-uniform sampler: training levels follow the rates
+    x = images[:8]
+    image, (probe, policy) = common.cta_labeled_views(x, rates, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    probe_policy = common.cta_policy(rates, g, 8, probe=True)
+    train_policy = common.cta_policy(rates, g, 8)
+    assert all(np.array_equal(policy[k], probe_policy[k]) for k in policy)
+    assert torch.equal(probe, common.cta_augment(x, probe_policy))
+    assert torch.equal(image, common.cta_augment(x, train_policy))
+    assert image.shape == x.shape and image.dtype == x.dtype and not torch.equal(image, probe)
+
+
+def test_cta_strong_augment_is_weak_then_a_policy_per_image_and_view(images):
+    rates = common.cta_rates()
+    x = images[:4]
+    views = common.cta_strong_augment(x, rates, torch.Generator().manual_seed(2), views=3)
+    g = torch.Generator().manual_seed(2)
+    weak = common.weak_augment(x, g, views=3).flatten(0, 1)
+    expected = common.cta_augment(weak, common.cta_policy(rates, g, 12)).unflatten(0, (3, 4))
+    assert views.shape == (3, 4, 3, 32, 32) and torch.equal(views, expected)
+    one = common.cta_strong_augment(x, rates, torch.Generator().manual_seed(2))  # no views: [B, ...]
+    g = torch.Generator().manual_seed(2)
+    weak = common.weak_augment(x, g)
+    assert torch.equal(one, common.cta_augment(weak, common.cta_policy(rates, g, 4)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cta_probe_moves_only_the_probed_bins_and_leaves_the_model_alone(images, training):
+    """The probe: the model's eval-mode predictions on the probe images (no gradient, BatchNorm's running
+    statistics untouched) give cta_update's rates; only the bins the probe policy used move, and the model's
+    mode and state are as before."""
+    torch.manual_seed(0)
+    model = common.WideResNet(depth=10, widen_factor=1).train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rates = common.cta_rates()
+    labels = torch.arange(8) % 10
+    image, probe = common.cta_labeled_views(images[:8], rates, torch.Generator().manual_seed(1))
+    new = common.cta_probe(model, probe, labels, rates, amp=False)
+    assert model.training == training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and not new.requires_grad
+    with torch.no_grad():
+        x = common.normalize(probe[0]).contiguous(memory_format=torch.channels_last)  # as evaluate's input
+        probs = torch.softmax(model.eval()(x), dim=1)
+    assert torch.equal(new, common.cta_update(rates, probe[1], probs, labels))
+    used = np.unique(common.cta_bins(probe[1]))
+    used = used[used < len(rates)]
+    moved = torch.nonzero(new != rates).flatten().numpy()
+    assert len(moved) > 0 and set(moved) <= set(used.tolist())
+    assert torch.equal(rates, common.cta_rates())  # a new tensor: the caller decides where it goes

@@ -165,7 +165,8 @@ def step_inputs(b: int = 8):
 
 def step_args(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{"temperature": 0.5, "lambda_u": 1.5, "lambda_u1": 0.5, "lambda_rot": 0.5,
-                                 "k_strong": 2, "labeled_aug": "weak", "alpha": 0.75, "rampup_steps": 100, **kw})
+                                 "k_strong": 2, "labeled_aug": "weak", "augment": "randaugment", "alpha": 0.75,
+                                 "rampup_steps": 100, **kw})
 
 
 def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
@@ -176,7 +177,7 @@ def test_train_step_weights_ramps_and_feeds_p_model_from_the_weak_view():
     x_l, y_l, u, y_u, rngs = step_inputs()
     history = PredictionHistory(10, 128, torch.device("cpu"))
     p_data = torch.full((10,), 0.1)
-    stats, q = train_step(model, opt, x_l, y_l, u, 25, p_data, history, rngs, args, amp=False)
+    stats, q, probe = train_step(model, opt, x_l, y_l, u, 25, p_data, history, rngs, args, amp=False)
     # Named 0-dim statistics on the device, without gradient (the loop sums them with no host sync).
     assert list(stats) == ["loss", "loss_x", "loss_u", "loss_u1", "loss_rot", "ramp"]
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
@@ -219,7 +220,7 @@ def test_train_step_without_ramp_or_rotation_weight_is_labeled_loss_only():
     args = step_args(lambda_rot=0.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x_l, y_l, u, _, rngs = step_inputs()
-    stats, _ = train_step(model, opt, x_l, y_l, u, 0, torch.full((10,), 0.1),
+    stats, _, _ = train_step(model, opt, x_l, y_l, u, 0, torch.full((10,), 0.1),
                           PredictionHistory(10, 128, torch.device("cpu")), rngs, args, amp=False)
     assert stats["loss"].item() == stats["loss_x"].item()  # ramp 0 at step 0: L = L_x
     assert stats["ramp"].item() == 0 and stats["loss_rot"].item() > 0  # the rotation loss is there, unweighted
@@ -241,7 +242,7 @@ def test_train_step_with_one_pass_equals_the_step_with_a_pass_per_batch(monkeypa
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         history = PredictionHistory(10, 4, torch.device("cpu"))
         rngs = (torch.Generator().manual_seed(2), np.random.default_rng(0))
-        stats, q = train_step(model, opt, x_l, y_l, u, 50, torch.full((10,), 0.1), history, rngs, args, amp=False)
+        stats, q, _ = train_step(model, opt, x_l, y_l, u, 50, torch.full((10,), 0.1), history, rngs, args, amp=False)
         results.append((stats, q, history, model))
     (stats, q, history, model), (stats_ref, q_ref, history_ref, model_ref) = results
     for name in stats:

@@ -115,7 +115,11 @@ def test_resumed_finished_run_writes_its_model_file(finished_run, tmp_path):
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 # Runs besides the fixture's default ones whose metrics are held too: (script, extra flags, golden file stem).
-GOLDEN_VARIANTS = [("remixmatch", ["--labeled-aug", "strong"], "remixmatch_labeled-aug-strong")]
+# remixmatch --augment randaugment holds the numbers of remixmatch.py's default before CTAugment became it.
+GOLDEN_VARIANTS = [("remixmatch", ["--augment", "randaugment", "--labeled-aug", "strong"],
+                    "remixmatch_labeled-aug-strong"),
+                   ("remixmatch", ["--augment", "randaugment"], "remixmatch_augment-randaugment"),
+                   ("fixmatch", ["--augment", "ctaugment"], "fixmatch_augment-ctaugment")]
 
 
 def flatten(row: dict) -> dict:
@@ -207,12 +211,51 @@ def test_sigterm_between_evaluations_checkpoints_that_step_and_resumes_exactly(f
                    f"from step {step}\n")
     ckpt = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)
     assert ckpt["step"] == step and ckpt["steps_summed"] == step % 4 and ckpt["interval_s"] > 0
+    assert ("cta_rates" in ckpt) == (name == "remixmatch")  # CTAugment's rates: remixmatch's default only
     assert [r["step"] for r in metrics(resumed)] == [s for s in (4, 8) if s < step]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone with the run
     monkeypatch.undo()
     assert module.main(argv + ["--out", resumed]) == 0
     assert f"resuming {resumed} from step {step}" in capsys.readouterr().out
     assert metrics(resumed) == metrics(out) and results(resumed) == results(out)
+
+
+def test_ctaugment_run_checkpoints_its_rates_and_resumes_exactly(cifar_dir, tmp_path, monkeypatch, capsys):
+    """fixmatch --augment ctaugment (remixmatch's default is held by the finished_run tests): CTAugment's rates are
+    in the checkpoint, moved by the probes; a SIGTERM between evaluations and a Ctrl-C right after a checkpoint
+    both resume to the uninterrupted run's metrics (tests/golden) and its final rates."""
+    name, extra, stem = GOLDEN_VARIANTS[-1]
+    assert extra == ["--augment", "ctaugment"]
+    module = importlib.import_module(name)
+    argv = TINY + SCRIPTS[name] + extra + ["--data-dir", cifar_dir]
+    reference = str(tmp_path / "reference")
+    assert module.main(argv + ["--out", reference]) == 0
+    final = torch.load(os.path.join(reference, "checkpoint.pt"), weights_only=True)["cta_rates"]
+    assert final.shape == (303,) and final.dtype == torch.float64 and (final != 1).sum() > 20
+
+    signal_during_step(module, monkeypatch, 6)
+    out = str(tmp_path / "sigterm")
+    assert module.main(argv + ["--out", out]) == 75
+    rates = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["cta_rates"]
+    assert (rates != 1).any() and not torch.equal(rates, final)
+    monkeypatch.undo()
+    assert module.main(argv + ["--out", out]) == 0
+
+    save = module.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+    interrupted = str(tmp_path / "interrupted")
+    assert module.main(argv + ["--out", interrupted]) == 130
+    monkeypatch.undo()
+    assert module.main(argv + ["--out", interrupted]) == 0
+    for run in (reference, out, interrupted):
+        assert_golden(run, stem)
+        assert metrics(run) == metrics(reference)
+        assert torch.equal(torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["cta_rates"], final)
 
 
 def test_finished_run_is_not_redone(finished_run, capsys):
@@ -243,25 +286,28 @@ BAD_INPUT = [
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
 ]
 CUDA_GRAPH_ON_CPU = (["--cuda-graph"], "--cuda-graph needs --device cuda")  # TINY runs on the CPU
+CUDA_GRAPH_WITH_CTA = (["--cuda-graph", "--augment", "ctaugment"], "--cuda-graph is not yet tested with --augment "
+                       "ctaugment")
 SCRIPT_BAD_INPUT = {
     "fixmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
-                 (["--threshold", "0"], "--threshold must be in (0, 1]"), CUDA_GRAPH_ON_CPU],
+                 (["--threshold", "0"], "--threshold must be in (0, 1]"), CUDA_GRAPH_ON_CPU, CUDA_GRAPH_WITH_CTA],
     "flexmatch": [(["--mu", "0"], "--mu must be >= 1"), (["--threshold", "1.5"], "--threshold must be in (0, 1]"),
                   (["--threshold", "0"], "--threshold must be in (0, 1]"),
-                  (["--lambda-u", "-1"], "--lambda-u must be >= 0"), CUDA_GRAPH_ON_CPU],
+                  (["--lambda-u", "-1"], "--lambda-u must be >= 0"), CUDA_GRAPH_ON_CPU, CUDA_GRAPH_WITH_CTA],
     "freematch": [(["--mu", "0"], "--mu must be >= 1"),
                   (["--threshold-decay", "1"], "--threshold-decay must be in [0, 1)"),
-                  (["--lambda-f", "-1"], "--lambda-f must be >= 0"), CUDA_GRAPH_ON_CPU],
+                  (["--lambda-f", "-1"], "--lambda-f must be >= 0"), CUDA_GRAPH_ON_CPU, CUDA_GRAPH_WITH_CTA],
     "softmatch": [(["--mu", "0"], "--mu must be >= 1"),
                   (["--gaussian-decay", "-0.1"], "--gaussian-decay must be in [0, 1)"),
-                  (["--n-sigma", "0"], "--n-sigma must be > 0"), CUDA_GRAPH_ON_CPU],
+                  (["--n-sigma", "0"], "--n-sigma must be > 0"), CUDA_GRAPH_ON_CPU, CUDA_GRAPH_WITH_CTA],
     "supervised": [CUDA_GRAPH_ON_CPU],
     "mixmatch": [(["--k", "0"], "--k must be >= 1"), (["--temperature", "0"], "--temperature must be > 0"),
                  (["--alpha", "0"], "--alpha must be > 0"), (["--rampup-steps", "-1"], "--rampup-steps must be >= 0")],
     "remixmatch": [(["--k-strong", "0"], "--k-strong must be >= 1"),
                    (["--lambda-rot", "-1"], "--lambda-rot must be >= 0"),
                    (["--da-batches", "0"], "--da-batches must be >= 1"),
-                   (["--temperature", "0"], "--temperature must be > 0")],
+                   (["--temperature", "0"], "--temperature must be > 0"),
+                   (["--labeled-aug", "strong"], "--labeled-aug strong needs --augment randaugment")],
 }
 
 
@@ -317,7 +363,9 @@ def test_missing_data_offline_exits_2_naming_the_folder(name, tmp_path, monkeypa
 
 
 if __name__ == "__main__":
-    # Regenerate tests/golden/ from the code as it is now, on the same synthetic data as the tests.
+    # Regenerate tests/golden/ from the code as it is now, on the same synthetic data as the tests: every file, or
+    # only the stems named (`python tests/test_scripts.py remixmatch`), so that a change meant to move some numbers
+    # re-records those alone.
     import tempfile
 
     from conftest import write_cifar
@@ -326,6 +374,9 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as tmp:
         data = write_cifar(os.path.join(tmp, "data"))
         jobs = [(name, [], name) for name in SCRIPTS] + GOLDEN_VARIANTS
+        unknown = set(sys.argv[1:]) - {stem for _, _, stem in jobs}
+        assert not unknown, f"no golden run is called {sorted(unknown)}"
+        jobs = [job for job in jobs if not sys.argv[1:] or job[2] in sys.argv[1:]]
         for name, extra, stem in jobs:
             out = os.path.join(tmp, stem)
             assert run_main(name, TINY + SCRIPTS[name] + extra + ["--data-dir", data, "--out", out]) == 0
