@@ -14,24 +14,11 @@ import sys
 import pytest
 import torch
 
-from test_scripts import ROOT, SCRIPTS, TINY, assert_golden, metrics, results, run_main
+from test_scripts import ROOT, SCRIPTS, TINY, assert_golden, interrupt_at_first_checkpoint, metrics, results, run_main
 
 
 def argv_for(name: str, cifar_dir: str, out, *extra: str) -> list[str]:
     return TINY + SCRIPTS[name] + ["--data-dir", cifar_dir, "--out", str(out), *extra]
-
-
-def interrupt_at_first_checkpoint(module, monkeypatch, before_saving: bool = False) -> None:
-    """Make the next run stop with Ctrl-C at its first evaluation, after (or before) the checkpoint is saved."""
-    save = module.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        if not before_saving:
-            save(path, state)
-        monkeypatch.setattr(module, "save_checkpoint", save)  # once
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
 
 
 def strict_json_lines(path: str) -> list[dict]:

@@ -155,21 +155,27 @@ def test_tiny_run_variants_reproduce_golden_metrics(name, extra, stem, cifar_dir
     assert_golden(out, stem)
 
 
+def interrupt_at_first_checkpoint(module, monkeypatch, before_saving: bool = False) -> None:
+    """Make the next run stop with Ctrl-C at its first evaluation, after (or before) the checkpoint is saved."""
+    save = module.save_checkpoint
+
+    def save_then_interrupt(path, state):
+        if not before_saving:
+            save(path, state)
+        monkeypatch.setattr(module, "save_checkpoint", save)  # once
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+
+
 def test_interrupted_run_resumes_to_the_same_metrics(finished_run, tmp_path, monkeypatch):
     """Ctrl-C right after the first checkpoint, then the same command again: identical metrics.jsonl."""
     name, argv, out = finished_run
     module = importlib.import_module(name)
-    save = module.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+    interrupt_at_first_checkpoint(module, monkeypatch)
     resumed = str(tmp_path / "run")
     assert module.main(argv + ["--out", resumed]) == 130
     assert [r["step"] for r in metrics(resumed)] == [4]
-    monkeypatch.setattr(module, "save_checkpoint", save)
     assert module.main(argv + ["--out", resumed]) == 0
     assert metrics(resumed) == metrics(out)
 
@@ -241,16 +247,9 @@ def test_ctaugment_run_checkpoints_its_rates_and_resumes_exactly(cifar_dir, tmp_
     monkeypatch.undo()
     assert module.main(argv + ["--out", out]) == 0
 
-    save = module.save_checkpoint
-
-    def save_then_interrupt(path, state):
-        save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(module, "save_checkpoint", save_then_interrupt)
+    interrupt_at_first_checkpoint(module, monkeypatch)
     interrupted = str(tmp_path / "interrupted")
     assert module.main(argv + ["--out", interrupted]) == 130
-    monkeypatch.undo()
     assert module.main(argv + ["--out", interrupted]) == 0
     for run in (reference, out, interrupted):
         assert_golden(run, stem)
