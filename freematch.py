@@ -498,6 +498,9 @@ NOT_COMPARED = {"out", "overwrite", "log_every", "compile", "cuda_graph", "data_
 # grid.sbatch requeues a task that ends with it.
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_INTERRUPTED = 2, 3, 75, 130
 PROGRESS_SECONDS = 30  # a progress line at least this often, whatever --log-every says
+# Flags added after runs were made, with what those runs used: an args.json without one of them is read with this
+# value (CIFAR-10 before --dataset; RandAugment before --augment, which is no longer remixmatch.py's default).
+PREDATING = {"dataset": "cifar10", "image_size": 32, "augment": "randaugment"}
 
 
 def check_run_dir(args: argparse.Namespace) -> dict | None:
@@ -519,7 +522,7 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
     if os.path.exists(path) and not args.overwrite:
         try:
             with open(path) as f:
-                old = {"dataset": "cifar10", "image_size": 32, **json.load(f)}  # before --dataset: CIFAR-10
+                old = {k: v for k, v in PREDATING.items() if k in vars(args)} | json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(f"{path} is not readable ({e}); pass another --out, or --overwrite to start over") from None
         if old.get("algorithm", ALGORITHM) != ALGORITHM:
@@ -527,8 +530,6 @@ def check_run_dir(args: argparse.Namespace) -> dict | None:
                             "pass another --out, or --overwrite to replace it")
         if "algorithm" not in old and old.get("amp") is True:  # older runs: True meant "on for CUDA only"
             old["amp"] = "auto"
-        if "augment" in vars(args):  # runs from before --augment used RandAugment (remixmatch's default is now CTA)
-            old.setdefault("augment", "randaugment")
         new = vars(args)
         diff = [f"--{k.replace('_', '-')} {old.get(k)} -> {new.get(k)}" for k in sorted(set(old) | set(new))
                 if k not in NOT_COMPARED | {"algorithm"} and old.get(k) != new.get(k)]

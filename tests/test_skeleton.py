@@ -20,8 +20,8 @@ SHARED = ["cosine_lr", "ema_update", "evaluate", "check_run_dir", "prepare_run_d
           "cuda_graph"]
 # The same in the six semi-supervised scripts (the supervised baseline has no pseudo-labels).
 SHARED_SSL = ["pseudo_label_stats"]
-SHARED_CONSTANTS = ["NOT_COMPARED", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_PREEMPTED", "EXIT_INTERRUPTED",
-                    "PROGRESS_SECONDS"]
+SHARED_CONSTANTS = ["NOT_COMPARED", "PREDATING", "EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_PREEMPTED",
+                    "EXIT_INTERRUPTED", "PROGRESS_SECONDS"]
 
 
 @pytest.mark.parametrize("function", SHARED)
