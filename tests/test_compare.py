@@ -320,9 +320,9 @@ def test_label_sweep_tool_tables_from_csv_rows(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import label_sweep
 
-    def row(algorithm, seed, top1):
-        return {"algorithm": algorithm, "n_labeled": 40, "seed": seed, "final_top1": top1, "final_top5": "",
-                "source": "test"}
+    def row(algorithm, seed, top1, augment=""):
+        return {"algorithm": algorithm, "augment": augment, "n_labeled": 40, "seed": seed, "final_top1": top1,
+                "final_top5": "", "source": "test"}
     old = [row("supervised", 0, "0.20"), row("supervised", 1, "0.99"), row("fixmatch", 0, "0.21")]
     new = [row("supervised", 1, "0.22"), row("fixmatch", 1, "0.25"), row("flexmatch", 0, "0.23"),
            row("flexmatch", 1, "0.24")]
@@ -341,6 +341,15 @@ def test_label_sweep_tool_tables_from_csv_rows(tmp_path):
     assert "| softmatch | +3.00 ± 2.83 (2; above on 2/2) |" in against_fixmatch  # (+5, +1)
     assert "| softmatch | +2.50 ± 0.71 (2; above on 2/2) |" in against_flexmatch  # (+3, +2)
     assert "| fixmatch |" not in against_flexmatch
+    # A CTAugment run is a row of its own, never merged with the RandAugment run of the same seed, and is compared
+    # with that run seed by seed (issue 35).
+    cta = [row("fixmatch", 0, "0.30", "ctaugment"), row("fixmatch", 1, "0.24", "ctaugment")]
+    merged = label_sweep.merge(rows, cta)
+    assert len(merged) == len(rows) + 2
+    text = label_sweep.markdown(label_sweep.as_runs(merged))
+    assert "| fixmatch-cta | 27.00 ± 4.24 (2): 30.00, 24.00 |" in text
+    assert text.split("## Difference from ")[-1].startswith("fixmatch,")
+    assert "| fixmatch-cta | +4.00 ± 7.07 (2; above on 1/2) |" in text.split("## Difference from ")[-1]  # (+9, -1)
     label_sweep.compare.plot_accuracy_vs_labels(label_sweep.as_runs(rows), str(tmp_path / "a.png"),
                                                 panels=(("final_top1", "final"),))
     assert (tmp_path / "a.png").stat().st_size > 0

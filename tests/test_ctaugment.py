@@ -308,3 +308,47 @@ def test_cta_probe_moves_only_the_probed_bins_and_leaves_the_model_alone(images,
     moved = torch.nonzero(new != rates).flatten().numpy()
     assert len(moved) > 0 and set(moved) <= set(used.tolist())
     assert torch.equal(rates, common.cta_rates())  # a new tensor: the caller decides where it goes
+
+
+def test_cta_rates_tool_reads_the_final_rates_and_names_the_kept_bins(tmp_path):
+    # tools/cta_rates.py (issue 35, part 4): the final rates of each finished CTA run, the bins still drawn.
+    import json
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    import cta_rates
+
+    def run(name, augment, seed, step, rates=None):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "args.json").write_text(json.dumps({"augment": augment, "n_labeled": 40, "seed": seed,
+                                                      "epochs": 1, "steps_per_epoch": 2}))
+        (folder / "results.json").write_text(json.dumps({"algorithm": "remixmatch", "final_top1": 0.3}))
+        torch.save({"step": step, **({"cta_rates": rates} if rates is not None else {})}, folder / "checkpoint.pt")
+
+    rates = common.cta_rates()
+    rotate = common.cta_rates_of(rates, "rotate")[0]
+    rotate[10:] = 0.5  # (0.5 + 0.01) / 1.01 < 0.80 of the best bin: never drawn
+    rotate[3] = 0.123456  # also dropped, and rounded to 4 decimals in the file
+    run("remixmatch_n40_seed0", "ctaugment", 0, 2, rates)
+    run("remixmatch_n40_seed1", "ctaugment", 1, 2, common.cta_rates())
+    run("remixmatch_n40_seed2", "ctaugment", 2, 2, common.cta_rates())
+    run("remixmatch_n40_seed3", "randaugment", 3, 2)  # not a CTA run: skipped
+    rows = cta_rates.rows_from_runs(str(tmp_path / "runs"), "test")
+    assert [(r["seed"], r["source"]) for r in rows] == [(0, "test"), (1, "test"), (2, "test")]
+    assert rows[0]["rates"][int(common._CTA_START[common._CTA_PARAM[common.CTA_NAMES.index("rotate"), 0]]) + 3] \
+        == 0.1235
+    by_parameter = dict(zip(cta_rates.PARAMETERS, cta_rates.per_parameter(np.array(rows[0]["rates"]))))
+    assert by_parameter[("rotate", 0)][10:].tolist() == [0.5] * 7 and by_parameter[("rescale", 1)].shape == (6,)
+    assert cta_rates.bin_ranges(np.array([0, 1, 2, 4, 6, 7]), 17) == "0-2, 4, 6-7"
+    # One seed of three drops rotate's bins 3 and 10-16: not most seeds, so every bin counts as kept ...
+    lines = {line.split(" |")[0]: line for line in cta_rates.markdown(rows).splitlines()}
+    assert lines["| rotate"] == f"| rotate | all 17; {(2 + (9 + 7 * 0.5 + 0.1235) / 17) / 3:.2f} |"
+    # ... two of three do.
+    rows[1]["rates"] = rows[0]["rates"]
+    lines = {line.split(" |")[0]: line for line in cta_rates.markdown(rows).splitlines()}
+    assert lines["| rotate"] == f"| rotate | 0-2, 4-9; {(1 + 2 * (9 + 7 * 0.5 + 0.1235) / 17) / 3:.2f} |"
+    assert lines["| rescale (filter)"] == "| rescale (filter) | all 6; 1.00 |"
+    cta_rates.plot(rows, str(tmp_path / "rates.png"))
+    assert (tmp_path / "rates.png").stat().st_size > 0
+    run("remixmatch_n250_seed0", "ctaugment", 0, 1, common.cta_rates())  # its checkpoint is not the last step's
+    with pytest.raises(SystemExit, match="not the last step"):
+        cta_rates.rows_from_runs(str(tmp_path / "runs"), "test")

@@ -9,6 +9,10 @@ same run replaced), so that the figure can be drawn again from the CSV alone:
     python tools/label_sweep.py --runs ../exp/runs/cpu3     # add the finished runs there, then draw
     python tools/label_sweep.py                             # from docs/cpu_runs.csv alone
 (--csv and --plot name other files.)
+
+The CSV's augment column says which strong augmentation a run used (issue 35): randaugment or ctaugment for the
+scripts that have --augment, empty for those that do not (supervised, mixmatch). A CTAugment run is its own row of
+the tables, "<algorithm>-cta", and is compared with its RandAugment row seed by seed.
 """
 
 import argparse
@@ -20,35 +24,43 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # compare.py lives in the repository root, one level up
 import compare  # noqa: E402
 
-FIELDS = ["algorithm", "n_labeled", "seed", "final_top1", "final_top5", "source"]
+FIELDS = ["algorithm", "augment", "n_labeled", "seed", "final_top1", "final_top5", "source"]
 
 
 def read_csv(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{**row, "n_labeled": int(row["n_labeled"]), "seed": int(row["seed"])} for row in csv.DictReader(f)]
+        return [{**row, "augment": row.get("augment") or "", "n_labeled": int(row["n_labeled"]),
+                 "seed": int(row["seed"])} for row in csv.DictReader(f)]
 
 
 def rows_from_runs(folder: str, source: str) -> list[dict]:
     """A CSV row for every finished run under `folder` (compare.py's reading of run folders)."""
     finished, _ = compare.load_runs(folder)
-    return [{"algorithm": r["algorithm"], "n_labeled": r["args"]["n_labeled"], "seed": r["args"]["seed"],
+    # A run from before --augment existed used RandAugment (the scripts' PREDATING table says the same).
+    default = {a: "randaugment" if "--augment" in compare.script_flags(a) else ""
+               for a in {r["algorithm"] for r in finished}}
+    return [{"algorithm": r["algorithm"], "augment": r["args"].get("augment", default[r["algorithm"]]),
+             "n_labeled": r["args"]["n_labeled"], "seed": r["args"]["seed"],
              "final_top1": f"{r['results']['final_top1']:.4f}", "final_top5": f"{r['results']['final_top5']:.4f}",
              "source": source} for r in finished]
 
 
 def merge(rows: list[dict], new: list[dict]) -> list[dict]:
-    """rows with new ones added; a new row replaces the row of the same (algorithm, n_labeled, seed)."""
-    key = lambda r: (r["algorithm"], r["n_labeled"], r["seed"])  # noqa: E731
+    """rows with new ones added; a new row replaces the row of the same (algorithm, augment, n_labeled, seed)."""
+    key = lambda r: (r["algorithm"], r["augment"], r["n_labeled"], r["seed"])  # noqa: E731
     merged = {key(r): r for r in rows} | {key(r): r for r in new}
     order = {a: i for i, a in enumerate(compare.ALGORITHMS)}
-    return sorted(merged.values(), key=lambda r: (order.get(r["algorithm"], 99), r["n_labeled"], r["seed"]))
+    return sorted(merged.values(), key=lambda r: (order.get(r["algorithm"], 99), r["augment"] == "ctaugment",
+                                                   r["n_labeled"], r["seed"]))
 
 
 def as_runs(rows: list[dict]) -> list[dict]:
-    """The CSV rows in the shape compare.py aggregates: algorithm, args (n_labeled, seed), results."""
-    return [{"algorithm": r["algorithm"], "args": {"n_labeled": r["n_labeled"], "seed": r["seed"]},
+    """The CSV rows in the shape compare.py aggregates: algorithm (with -cta for a CTAugment run), args
+    (n_labeled, seed), results."""
+    return [{"algorithm": r["algorithm"] + ("-cta" if r["augment"] == "ctaugment" else ""),
+             "args": {"n_labeled": r["n_labeled"], "seed": r["seed"]},
              "results": {"final_top1": float(r["final_top1"])}} for r in rows]
 
 
@@ -70,6 +82,9 @@ def markdown(runs: list[dict]) -> str:
     lines += compare.paired_differences(family, "fixmatch")
     if "flexmatch" in family and len(family) > 2:
         lines += compare.paired_differences({k: v for k, v in family.items() if k != "fixmatch"}, "flexmatch")
+    for label in groups:  # CTAugment against RandAugment, algorithm by algorithm (issue 35)
+        if label.endswith("-cta") and label[:-4] in groups:
+            lines += compare.paired_differences({label[:-4]: groups[label[:-4]], label: groups[label]}, label[:-4])
     return "\n".join(lines)
 
 
