@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # common.py and compare.py live in the repository root, one level up
 import common  # noqa: E402
 import compare  # noqa: E402
+from label_sweep import merge  # noqa: E402  (tools/, this file's folder)
 
 # One row per parameter: the operation, and which of its parameters (rescale has two: the crop and the filter).
 PARAMETERS = [(name, j) for name in common.CTA_NAMES for j in range(len(common.CTA_OPS[name][1]))]
@@ -52,14 +53,6 @@ def rows_from_runs(folder: str, source: str) -> list[dict]:
         rows.append({"algorithm": r["algorithm"], "n_labeled": r["args"]["n_labeled"], "seed": r["args"]["seed"],
                      "source": source, "rates": [round(float(v), 4) for v in ckpt["cta_rates"]]})
     return rows
-
-
-def merge(rows: list[dict], new: list[dict]) -> list[dict]:
-    """rows with new ones added; a new entry replaces the entry of the same (algorithm, n_labeled, seed)."""
-    key = lambda r: (r["algorithm"], r["n_labeled"], r["seed"])  # noqa: E731
-    merged = {key(r): r for r in rows} | {key(r): r for r in new}
-    order = {a: i for i, a in enumerate(compare.ALGORITHMS)}
-    return sorted(merged.values(), key=lambda r: (order.get(r["algorithm"], 99), r["n_labeled"], r["seed"]))
 
 
 def per_parameter(rates: np.ndarray) -> list[np.ndarray]:
@@ -156,7 +149,7 @@ def main() -> None:
         with open(args.json) as f:
             rows = json.load(f)
     if args.runs:
-        rows = merge(rows, rows_from_runs(args.runs, args.source))
+        rows = merge(rows, rows_from_runs(args.runs, args.source), ("algorithm", "n_labeled", "seed"))
         with open(args.json, "w") as f:
             f.write("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")  # a line per run: short diffs
     if not rows:

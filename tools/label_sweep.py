@@ -47,12 +47,13 @@ def rows_from_runs(folder: str, source: str) -> list[dict]:
              "source": source} for r in finished]
 
 
-def merge(rows: list[dict], new: list[dict]) -> list[dict]:
-    """rows with new ones added; a new row replaces the row of the same (algorithm, augment, n_labeled, seed)."""
-    key = lambda r: (r["algorithm"], r["augment"], r["n_labeled"], r["seed"])  # noqa: E731
-    merged = {key(r): r for r in rows} | {key(r): r for r in new}
+def merge(rows: list[dict], new: list[dict],
+          fields: tuple = ("algorithm", "augment", "n_labeled", "seed")) -> list[dict]:
+    """rows with new ones added; a new row replaces the row with the same values of `fields` (also
+    tools/cta_rates.py's entries, which have no augment column)."""
+    merged = {tuple(r[k] for k in fields): r for r in rows} | {tuple(r[k] for k in fields): r for r in new}
     order = {a: i for i, a in enumerate(compare.ALGORITHMS)}
-    return sorted(merged.values(), key=lambda r: (order.get(r["algorithm"], 99), r["augment"] == "ctaugment",
+    return sorted(merged.values(), key=lambda r: (order.get(r["algorithm"], 99), r.get("augment") == "ctaugment",
                                                    r["n_labeled"], r["seed"]))
 
 
