@@ -19,7 +19,6 @@ entry per run, the same run replaced), and the figure can be drawn again from th
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -66,6 +65,13 @@ def kept(rates: np.ndarray) -> np.ndarray:
     return common.rate_to_p(np.asarray(rates, dtype=np.float64)) > 0
 
 
+def seed_arrays(entries: list[dict], i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Parameter i of PARAMETERS over a group's entries: the rates and the kept mask (1.0 or 0.0), a row per seed."""
+    rates = np.array([per_parameter(np.array(e["rates"]))[i] for e in entries])
+    masks = np.array([per_parameter(kept(e["rates"]).astype(float))[i] for e in entries])
+    return rates, masks
+
+
 def groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
     """The entries by (algorithm, number of labels), in the order of `rows`."""
     out = {}
@@ -85,10 +91,9 @@ def markdown(rows: list[dict]) -> str:
     for i, (name, j) in enumerate(PARAMETERS):
         texts = []
         for entries in cells.values():
-            masks = np.array([per_parameter(kept(e["rates"]).astype(float))[i] for e in entries])
+            rates, masks = seed_arrays(entries, i)
             majority = np.flatnonzero(masks.mean(0) > 0.5)
-            mean_rate = statistics.mean(float(per_parameter(np.array(e["rates"]))[i].mean()) for e in entries)
-            texts.append(f"{bin_ranges(majority, masks.shape[1])}; {mean_rate:.2f}")
+            texts.append(f"{bin_ranges(majority, masks.shape[1])}; {rates.mean():.2f}")
         lines.append(f"| {parameter_label(name, j)} | " + " | ".join(texts) + " |")
     return "\n".join(lines)
 
@@ -119,8 +124,7 @@ def plot(rows: list[dict], path: str) -> None:
         rate = np.full((len(PARAMETERS), 17), np.nan)
         share = np.full((len(PARAMETERS), 17), np.nan)
         for i in range(len(PARAMETERS)):
-            r = np.array([per_parameter(np.array(e["rates"]))[i] for e in entries])
-            k = np.array([per_parameter(kept(e["rates"]).astype(float))[i] for e in entries])
+            r, k = seed_arrays(entries, i)
             rate[i, :r.shape[1]], share[i, :k.shape[1]] = r.mean(0), k.mean(0)
         image = ax.imshow(rate, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
         for marker, where in (("x", share == 0), (".", (share > 0) & (share < 1))):
