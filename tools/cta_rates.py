@@ -65,11 +65,11 @@ def kept(rates: np.ndarray) -> np.ndarray:
     return common.rate_to_p(np.asarray(rates, dtype=np.float64)) > 0
 
 
-def seed_arrays(entries: list[dict], i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Parameter i of PARAMETERS over a group's entries: the rates and the kept mask (1.0 or 0.0), a row per seed."""
-    rates = np.array([per_parameter(np.array(e["rates"]))[i] for e in entries])
-    masks = np.array([per_parameter(kept(e["rates"]).astype(float))[i] for e in entries])
-    return rates, masks
+def seed_arrays(entries: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per row of PARAMETERS, over a group's entries: the rates and the kept mask (1.0 or 0.0), a row per seed."""
+    rates = [per_parameter(np.array(e["rates"])) for e in entries]
+    masks = [per_parameter(kept(e["rates"]).astype(float)) for e in entries]
+    return [(np.array([r[i] for r in rates]), np.array([m[i] for m in masks])) for i in range(len(PARAMETERS))]
 
 
 def groups(rows: list[dict]) -> dict[tuple[str, int], list[dict]]:
@@ -88,10 +88,11 @@ def markdown(rows: list[dict]) -> str:
     lines = ["Bins CTAugment still draws at the end of the run (bin b holds the levels b/17 to (b+1)/17; a bin counts "
              "when most seeds keep it), then the parameter's mean rate over its bins and seeds.", "",
              "| parameter | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    arrays = [seed_arrays(entries) for entries in cells.values()]  # per group, per parameter
     for i, (name, j) in enumerate(PARAMETERS):
         texts = []
-        for entries in cells.values():
-            rates, masks = seed_arrays(entries, i)
+        for group in arrays:
+            rates, masks = group[i]
             majority = np.flatnonzero(masks.mean(0) > 0.5)
             texts.append(f"{bin_ranges(majority, masks.shape[1])}; {rates.mean():.2f}")
         lines.append(f"| {parameter_label(name, j)} | " + " | ".join(texts) + " |")
@@ -123,8 +124,7 @@ def plot(rows: list[dict], path: str) -> None:
     for ax, ((algorithm, n), entries) in zip(axes[0], cells.items()):
         rate = np.full((len(PARAMETERS), 17), np.nan)
         share = np.full((len(PARAMETERS), 17), np.nan)
-        for i in range(len(PARAMETERS)):
-            r, k = seed_arrays(entries, i)
+        for i, (r, k) in enumerate(seed_arrays(entries)):
             rate[i, :r.shape[1]], share[i, :k.shape[1]] = r.mean(0), k.mean(0)
         image = ax.imshow(rate, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest")
         for marker, where in (("x", share == 0), (".", (share > 0) & (share < 1))):
